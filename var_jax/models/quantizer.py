@@ -1,0 +1,200 @@
+"""Multi-scale residual vector quantizer of VAR (VAR_SPEC 1.6-1.12).
+
+A latent f (B, h, w, Cvae) is quantized coarse to fine: at scale k the residual is
+area-downsampled to pn_k x pn_k, snapped to the nearest code, the code map is bicubic-upsampled
+back to h x w, refined by a phi convolution and subtracted from the residual. The running sum
+of the refined code maps is f_hat. All of it runs in float32; the nearest-code search uses
+the highest matmul precision because one flipped argmin changes every later scale.
+
+Layouts: NHWC maps, token order row-major (l = y * pn + x), indices as lists of (B, pn^2).
+"""
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from var_jax.models.resize import resize
+
+
+def validate_patch_nums(patch_nums: Sequence[int]) -> tuple:
+    """Checks the scale schedule: at least two strictly increasing positive ints."""
+    pns = tuple(int(p) for p in patch_nums)
+    if len(pns) < 2 or pns[0] < 1 or any(b <= a for a, b in zip(pns, pns[1:])):
+        raise ValueError(
+            f'patch_nums must be at least two strictly increasing positive sizes such as '
+            f'(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), got {tuple(patch_nums)}')
+    return pns
+
+
+def phi_index_per_scale(num_phis: int, num_scales: int) -> tuple:
+    """Which phi conv each scale uses, computed in float64 exactly like the official code.
+
+    Scale si sits at si/(S-1) in [0, 1]; it takes the phi whose tick is nearest. The official
+    ticks are linspace(1/(3K), 1-1/(3K), K) for K == 4 and linspace(1/(2K), 1-1/(2K), K)
+    otherwise; the 10-scale schedule has exact ties that float64 rounding breaks, so the
+    arithmetic must be the same (numpy float64) to get [0,0,1,1,1,2,2,3,3,3].
+    """
+    k = num_phis
+    ticks = (np.linspace(1 / 3 / k, 1 - 1 / 3 / k, k) if k == 4
+             else np.linspace(1 / 2 / k, 1 - 1 / 2 / k, k))
+    return tuple(int(np.argmin(np.abs(ticks - si / (num_scales - 1)))) for si in range(num_scales))
+
+
+class Phi(nn.Module):
+    """phi(h) = (1 - r) h + r conv3x3(h): the refinement of an upsampled code map."""
+    channels: int
+    resi_ratio: float
+
+    @nn.compact
+    def __call__(self, h):
+        conv = nn.Conv(self.channels, (3, 3), padding=1, name='conv')
+        return (1 - self.resi_ratio) * h + self.resi_ratio * conv(h)
+
+
+class MultiScaleQuantizer(nn.Module):
+    """The residual quantizer over `patch_nums` (ints, the side of each square token map).
+
+    share_quant_resi: 0 = one phi per scale, 1 = one shared phi, K > 1 = K phis shared by
+    nearby scales (the released tokenizer uses 4). quant_resi is the phi mix ratio r; |r| below
+    1e-6 means no phi (identity), as in the official code.
+    """
+    vocab_size: int
+    cvae: int
+    patch_nums: Sequence[int]
+    beta: float = 0.25
+    quant_resi: float = 0.5
+    share_quant_resi: int = 4
+
+    def setup(self):
+        self.pns = validate_patch_nums(self.patch_nums)
+        num_scales = len(self.pns)
+        if self.share_quant_resi < 0:
+            raise ValueError(f'share_quant_resi must be >= 0, got {self.share_quant_resi}')
+        num_phis = {0: num_scales, 1: 1}.get(self.share_quant_resi, self.share_quant_resi)
+        self.phi_index = phi_index_per_scale(num_phis, num_scales)
+        if abs(self.quant_resi) > 1e-6:
+            self.phis = [Phi(self.cvae, abs(self.quant_resi)) for _ in range(num_phis)]
+        else:
+            self.phis = None
+        # N(0, 1) like the official nn.Embedding default (its codebook init is never overridden).
+        self.embedding = self.param('embedding', nn.initializers.normal(1.0), (self.vocab_size, self.cvae))
+
+    # --- building blocks -------------------------------------------------------------------
+    def phi(self, h, si: int):
+        """Applies the phi conv of scale `si` (identity when quant_resi is ~0)."""
+        return h if self.phis is None else self.phis[self.phi_index[si]](h)
+
+    def nearest_code(self, z):
+        """Index of the nearest codebook row (squared L2, first index on ties) for z (..., Cvae)."""
+        z = z.astype(jnp.float32)
+        e = self.embedding.astype(jnp.float32)
+        d = (jnp.sum(z * z, axis=-1, keepdims=True) + jnp.sum(e * e, axis=-1)
+             - 2 * jnp.einsum('...c,vc->...v', z, e, precision=jax.lax.Precision.HIGHEST))
+        return jnp.argmin(d, axis=-1).astype(jnp.int32)
+
+    def lookup(self, idx_Bl, pn: int):
+        """Code vectors of (B, pn*pn) indices as a (B, pn, pn, Cvae) map."""
+        return jnp.take(self.embedding, idx_Bl, axis=0).reshape(idx_Bl.shape[0], pn, pn, self.cvae)
+
+    def upsample_and_phi(self, h, si: int):
+        """A scale's code map brought to the full latent canvas and refined (phi).
+
+        At the last scale the map is already full size and resize is the identity, which is the
+        official 'no interpolation at the last scale' rule.
+        """
+        full = self.pns[-1]
+        return self.phi(resize(h, (full, full), 'bicubic'), si)
+
+    def _check_latent(self, f):
+        full = self.pns[-1]
+        if f.ndim != 4 or f.shape[1:] != (full, full, self.cvae):
+            raise ValueError(
+                f'latent must be (B, {full}, {full}, {self.cvae}) for patch_nums {self.pns}, got '
+                f'{f.shape}; the last patch size must equal the latent side')
+
+    # --- encoding / decoding ---------------------------------------------------------------
+    def f_to_idx(self, f, return_fhat: bool = False):
+        """Latent (B, h, w, Cvae) -> per-scale indices [(B, pn^2) int32].
+
+        With return_fhat, also returns the cumulative f_hat after every scale (list of maps).
+        """
+        self._check_latent(f)
+        f_rest = f.astype(jnp.float32)
+        f_hat = jnp.zeros_like(f_rest)
+        idx_list, fhat_list = [], []
+        for si, pn in enumerate(self.pns):
+            idx = self.nearest_code(resize(f_rest, (pn, pn), 'area')).reshape(f.shape[0], pn * pn)
+            h = self.upsample_and_phi(self.lookup(idx, pn), si)
+            f_hat, f_rest = f_hat + h, f_rest - h
+            idx_list.append(idx)
+            fhat_list.append(f_hat)
+        return (idx_list, fhat_list) if return_fhat else idx_list
+
+    def idx_to_fhat(self, idx_list, cumulative: bool = False):
+        """Per-scale indices -> f_hat (B, h, w, Cvae); with cumulative, the list after each scale."""
+        f_hat = 0.0
+        out = []
+        for si, (idx, pn) in enumerate(zip(idx_list, self.pns)):
+            f_hat = f_hat + self.upsample_and_phi(self.lookup(idx, pn), si)
+            out.append(f_hat)
+        return out if cumulative else f_hat
+
+    def idx_to_var_input(self, idx_list):
+        """Teacher-forcing input of the transformer: (B, L - pn_0^2, Cvae).
+
+        For each scale k >= 1 the input is the cumulative f_hat of scales < k, area-downsampled
+        to pn_k x pn_k and flattened row-major (not the embedding of scale k-1).
+        """
+        B = idx_list[0].shape[0]
+        full = self.pns[-1]
+        f_hat = jnp.zeros((B, full, full, self.cvae), jnp.float32)
+        nexts = []
+        for si in range(len(self.pns) - 1):
+            f_hat = f_hat + self.upsample_and_phi(self.lookup(idx_list[si], self.pns[si]), si)
+            pn_next = self.pns[si + 1]
+            nexts.append(resize(f_hat, (pn_next, pn_next), 'area').reshape(B, pn_next * pn_next, self.cvae))
+        return jnp.concatenate(nexts, axis=1)
+
+    def next_autoregressive_input(self, si: int, f_hat, h):
+        """Adds scale si's code map h (B, pn, pn, Cvae) to f_hat; returns (f_hat, next input map).
+
+        The next input is f_hat area-downsampled to the next scale; after the last scale it is
+        f_hat itself.
+        """
+        f_hat = f_hat + self.upsample_and_phi(h, si)
+        if si == len(self.pns) - 1:
+            return f_hat, f_hat
+        pn_next = self.pns[si + 1]
+        return f_hat, resize(f_hat, (pn_next, pn_next), 'area')
+
+    # --- training forward ------------------------------------------------------------------
+    def __call__(self, f):
+        """Training forward: (f_hat straight-through, vq_loss, per-scale code hit counts (S, V)).
+
+        Codes are picked without gradient; the code maps carry gradients into the codebook and
+        the phi convs. vq_loss = mean over scales of beta*MSE(sg(f_hat), f) + MSE(f_hat, sg(f)),
+        with f_hat the cumulative reconstruction after the scale. The returned f_hat is
+        sg(f_hat) - sg(f) + f, so the decoder's gradient reaches the encoder unchanged.
+        """
+        self._check_latent(f)
+        f = f.astype(jnp.float32)
+        if self.is_initializing() and self.phis is not None:  # create phis no scale maps to
+            for phi in self.phis:
+                phi(f)
+        f_ng = jax.lax.stop_gradient(f)
+        f_rest, f_hat = f_ng, jnp.zeros_like(f_ng)
+        loss = 0.0
+        hits = []
+        for si, pn in enumerate(self.pns):
+            idx = self.nearest_code(jax.lax.stop_gradient(resize(f_rest, (pn, pn), 'area')))
+            hits.append(jnp.bincount(idx.reshape(-1), length=self.vocab_size))
+            h = self.upsample_and_phi(jnp.take(self.embedding, idx, axis=0), si)
+            f_hat = f_hat + h
+            f_rest = f_rest - h
+            loss = loss + self.beta * jnp.mean((jax.lax.stop_gradient(f_hat) - f) ** 2) \
+                + jnp.mean((f_hat - f_ng) ** 2)
+        loss = loss / len(self.pns)
+        f_hat_st = jax.lax.stop_gradient(f_hat) - f_ng + f
+        return f_hat_st, loss, jnp.stack(hits)
