@@ -99,11 +99,12 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params, 
         if converted is None:
             misshaped.append(f'{key}: checkpoint {tuple(np.shape(value))}, model expects '
                              f'{tuple(expected[target])} (as {target})')
+            out[target] = None  # reported as mis-shaped, not also as missing
             continue
-        out[target] = converted.astype(np.float32)
-    missing = sorted(set(expected) - set(out))
+        out[target] = converted.astype(np.float32, copy=False)
+    missing = sorted(set(expected) - set(out))  # in var_jax names (module/param)
     if missing or unexpected or misshaped:
-        lines = ['the checkpoint does not fit the model:']
+        lines = ['the checkpoint does not fit the model (missing entries in var_jax names):']
         for title, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped)):
             if items:
                 lines.append(f'  {len(items)} {title}: ' + '; '.join(items[:50]) + (' ...' if len(items) > 50 else ''))

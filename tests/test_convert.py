@@ -1,0 +1,158 @@
+"""The official-checkpoint converter: every official key consumed, architecture inferred, clear errors."""
+import json
+import os
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import DATA, GOLDEN_PATCH_NUMS, golden_state_dict
+from var_jax import api, convert
+from var_jax.models.var import VAR, block_causal_mask, level_ids, var_config_for_depth
+
+
+def count(params):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+def fake_state_dict(entries, patch_nums):
+    """Zero tensors (broadcast views, no memory) of the official shapes, with valid buffers."""
+    sd = {}
+    for key, shape, dtype in entries:
+        if key == 'lvl_1L':
+            sd[key] = level_ids(patch_nums)[None].astype(np.int64)
+        elif key == 'attn_bias_for_masking':
+            sd[key] = np.where(block_causal_mask(patch_nums), 0.0, -np.inf).astype(np.float32)[None, None]
+        else:
+            sd[key] = np.broadcast_to(np.zeros((), dtype), shape)
+    return sd
+
+
+def manifest_sections():
+    """{'VQVAE': (entries, params), 'd16': ..., 'd36': ...} with every block expanded."""
+    sections, name = {}, None
+    for line in open(os.path.join(DATA, 'state_dict_manifest.txt')):
+        if m := re.match(r'==== (?:VAR (d\d+)|(VQVAE)) .*params (\d+)', line):
+            name = m.group(1) or m.group(2)
+            sections[name] = ([], int(m.group(3)))
+        elif name and (m := re.match(r'^(\S+) \(([\d, ]*)\)( int64)?$', line.strip())):
+            shape = tuple(int(s) for s in m.group(2).split(',') if s.strip())
+            sections[name][0].append((m.group(1), shape, np.int64 if m.group(3) else np.float32))
+    for name, (entries, n) in sections.items():
+        if name.startswith('d'):
+            depth = int(name[1:])
+            block0 = [(k[len('blocks.0.'):], s, d) for k, s, d in entries if k.startswith('blocks.0.')]
+            entries[:] = [e for e in entries if not e[0].startswith('blocks.')] + [
+                (f'blocks.{i}.{k}', s, d) for i in range(depth) for k, s, d in block0]
+    return sections
+
+
+def test_d16_and_released_vae_every_key_consumed():
+    keys = json.load(open(os.path.join(DATA, 'd16_keys.json')))
+    entries = lambda part: [(e['key'], tuple(e['shape']), np.dtype(e['dtype'])) for e in keys[part]]
+    vae_cfg, vae_params = convert.convert_vae(fake_state_dict(entries('vae'), convert.PATCH_NUMS_256))
+    var_cfg, var_params = convert.convert_var(fake_state_dict(entries('var'), convert.PATCH_NUMS_256))
+    assert count(vae_params) == keys['num_params']['vae'] == 108_948_355
+    assert count(var_params) == keys['num_params']['var'] == 310_283_520
+    assert (vae_cfg['ch'], vae_cfg['ch_mult'], vae_cfg['vocab_size'], vae_cfg['z_channels']) == (160, (1, 1, 2, 2, 4), 4096, 32)
+    assert vae_cfg['share_quant_resi'] == 4 and vae_cfg['using_sa'] and vae_cfg['using_mid_sa']
+    assert (var_cfg['depth'], var_cfg['embed_dim'], var_cfg['num_heads']) == (16, 1024, 16)
+    assert var_cfg['attn_l2_norm'] and not var_cfg['shared_aln'] and var_cfg['num_classes'] == 1000
+
+
+@pytest.mark.parametrize('name', ['d20', 'd24', 'd30', 'd36'])
+def test_every_official_depth_converts(name):
+    entries, n = manifest_sections()[name]
+    pns = convert.PATCH_NUMS_512 if name == 'd36' else convert.PATCH_NUMS_256
+    cfg, params = convert.convert_var(fake_state_dict(entries, pns), pns)
+    assert count(params) == n
+    assert cfg['shared_aln'] == (name == 'd36') and cfg['depth'] == int(name[1:])
+
+
+@pytest.mark.parametrize('depth,n', [(16, 310_283_520), (20, 600_917_136), (24, 1_033_399_360),
+                                     (30, 2_010_020_356), (36, 2_353_893_904)])
+def test_parameter_counts_of_the_depth_constructor(depth, n):
+    kw = dict(shared_aln=True, patch_nums=convert.PATCH_NUMS_512) if depth == 36 else {}
+    var = VAR(**var_config_for_depth(depth, **kw))
+    L = sum(p * p for p in var.patch_nums)
+    shapes = jax.eval_shape(var.init, jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32), jnp.zeros((1, L - 1, 32)))
+    assert count(shapes['params']) == n
+
+
+def test_one_report_lists_missing_unexpected_and_misshaped(golden):
+    sd = golden_state_dict(golden, 'var/')
+    del sd['blocks.1.ffn.fc1.bias']
+    sd['blocks.0.attn.extra'] = np.zeros(3, np.float32)
+    sd['head.bias'] = np.zeros(65, np.float32)
+    with pytest.raises(convert.CheckpointMismatchError) as e:
+        convert.convert_var(sd, GOLDEN_PATCH_NUMS)
+    msg = str(e.value)
+    assert '1 missing: blocks_1/ffn/fc1/bias' in msg
+    assert '1 unexpected: blocks.0.attn.extra' in msg
+    assert 'head.bias: checkpoint (65,), model expects (64,)' in msg
+
+
+def test_wrong_patch_nums_are_named(golden):
+    with pytest.raises(convert.CheckpointMismatchError, match='patch_nums'):
+        convert.convert_var(golden_state_dict(golden, 'var/'), (1, 2, 3, 8))
+    with pytest.raises(ValueError, match='strictly increasing'):
+        convert.convert_var(golden_state_dict(golden, 'var/'), (1, 4, 2, 8))
+
+
+def test_buffers_are_validated(golden):
+    sd = golden_state_dict(golden, 'var/')
+    sd['blocks.0.attn.zero_k_bias'] = np.ones_like(sd['blocks.0.attn.zero_k_bias'])
+    with pytest.raises(convert.CheckpointMismatchError, match='zero_k_bias'):
+        convert.convert_var(sd, GOLDEN_PATCH_NUMS)
+
+
+def test_attention_without_l2_norm_is_inferred(golden, tiny):
+    sd = {k: v for k, v in golden_state_dict(golden, 'var/').items() if 'scale_mul' not in k}
+    cfg, params = convert.convert_var(sd, GOLDEN_PATCH_NUMS, num_heads=2)
+    assert not cfg['attn_l2_norm'] and cfg['num_heads'] == 2
+    var = VAR(**cfg)
+    x, labels = golden['var_io/x_BLCv_wo_first_l'], golden['var_io/label_B']
+    logits = var.apply({'params': params}, labels, x)
+    # Same weights, other attention: finite and different from the l2-norm model's logits.
+    assert np.isfinite(logits).all() and np.abs(logits - golden['var_io/logits_BLV']).max() > 1e-2
+
+
+@pytest.mark.parametrize('share', [0, 1])
+def test_phi_sharing_modes_are_inferred(golden, share):
+    sd = golden_state_dict(golden, 'vae/')
+    phis = {k: sd.pop(k) for k in list(sd) if k.startswith('quantize.quant_resi.')}
+    if share == 1:
+        sd.update({k.replace('qresi_ls.0', 'qresi'): v for k, v in phis.items() if '.qresi_ls.0.' in k})
+    else:
+        sd.update({k.replace('qresi_ls.', ''): v for k, v in phis.items()})
+    cfg, params = convert.convert_vae(sd, GOLDEN_PATCH_NUMS)
+    assert cfg['share_quant_resi'] == share
+    assert len(params['quantize']) - 1 == (1 if share == 1 else 4)  # phis + the codebook
+
+
+def test_pth_files_through_the_command_line(golden, tmp_path):
+    torch = pytest.importorskip('torch')
+    for part in ('vae', 'var'):
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in golden_state_dict(golden, f'{part}/').items()},
+                   tmp_path / f'{part}.pth')
+    out = tmp_path / 'converted'
+    convert.main(['--vae', str(tmp_path / 'vae.pth'), '--var', str(tmp_path / 'var.pth'),
+                  '--out', str(out), '--patch_nums', '1,2,4,8'])
+    vqvae, vp, var, tp = api.load_pretrained(str(out))
+    logits = api.teacher_forcing_logits(vqvae, vp, var, tp, golden['vae_io/img_B3HW'].transpose(0, 2, 3, 1),
+                                        golden['var_io/label_B'])
+    np.testing.assert_allclose(logits, golden['var_io/logits_BLV'], atol=1e-4)
+
+
+def test_missing_torch_names_the_install(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, 'torch', None)
+    with pytest.raises(ImportError, match='pip install torch'):
+        convert.load_torch_state_dict(str(tmp_path / 'x.pth'))
+
+
+def test_load_pretrained_of_a_plain_folder_says_how_to_convert(tmp_path):
+    with pytest.raises(FileNotFoundError, match='var_jax.convert'):
+        api.load_pretrained(str(tmp_path))
