@@ -1,0 +1,468 @@
+"""Training of both stages: the tokenizer (stage 1) and the transformer (stage 2).
+
+Each stage is a pure, jitted step `(state, batch) -> (state, metrics)` over one mesh with explicit
+shardings (params replicated or FSDP-split, batch split over all devices, state donated), driven
+by one loop (`fit`) that handles resume, checkpoints, preemption, logging and sample grids.
+
+The transformer recipe is the official one (VAR_SPEC 4): AdamW (0.9, 0.95) with the official
+no-decay groups, lr = tblr * batch / 256 with the 'lin0' warm-up / hold / linear-decay schedule,
+a cosine weight-decay schedule, global-norm clipping at 2.0, 10% label dropout, drop path, plain
+mean cross-entropy over all tokens, optional progressive training and bf16 compute.
+"""
+import functools
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import traverse_util
+
+from var_jax import api, sharding
+from var_jax.checkpoint import DEFAULT_RESUMABLE_KEYS, Checkpointer
+from var_jax.images import save_png
+from var_jax.models.var import VAR, begin_ends
+from var_jax.models.vqvae import VQVAE
+
+# Params without weight decay (official: ndim == 1, biases, and these names).
+NO_DECAY_NAMES = ('pos_start', 'pos_1LC', 'lvl_embed', 'ada_gss', 'scale_mul')
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN/Inf; the offending update was not applied."""
+
+
+# --- schedules and optimizer -------------------------------------------------------------------
+def lin0_lr_schedule(peak: float, total_steps: int, warmup_steps: int, wp0: float = 0.005,
+                     wpe: float = 0.01) -> optax.Schedule:
+    """Official 'lin0': linear warm-up from wp0*peak, hold 5% of the rest, then linear to wpe*peak."""
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = peak * (wp0 + (1 - wp0) * step / max(warmup_steps, 1))
+        pasd = (step - warmup_steps) / max(total_steps - 1 - warmup_steps, 1)
+        after = jnp.where(pasd < 0.05, peak, peak * (wpe + (1 - wpe) * (1 - pasd) / 0.95))
+        return jnp.where(step < warmup_steps, warm, after)
+    return schedule
+
+
+def cosine_wd_schedule(wd: float, wd_end: float, total_steps: int) -> optax.Schedule:
+    """Official weight decay: cosine from wd at step 0 to wd_end at the last step."""
+    def schedule(step):
+        frac = jnp.asarray(step, jnp.float32) / max(total_steps - 1, 1)
+        return wd_end + (wd - wd_end) * (0.5 + 0.5 * jnp.cos(math.pi * frac))
+    return schedule
+
+
+def decay_mask(params):
+    """True for params with weight decay: not 1-D and not a position/level/gain parameter."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({
+        k: v.ndim > 1 and not any(name in part for part in k for name in NO_DECAY_NAMES)
+        for k, v in flat.items()})
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, batch_size: int) -> optax.GradientTransformation:
+    """AdamW with the official lr / wd schedules and global-norm clipping.
+
+    cfg: tblr (lr per 256 images), warmup_steps, wp0, wpe, wd, wd_end, clip, beta1, beta2.
+    """
+    peak = cfg.tblr * batch_size / 256
+    tx = optax.inject_hyperparams(optax.adamw, static_args=('mask',))(
+        learning_rate=lin0_lr_schedule(peak, total_steps, cfg.warmup_steps, cfg.wp0, cfg.wpe),
+        b1=cfg.beta1, b2=cfg.beta2, eps=1e-8,
+        weight_decay=cosine_wd_schedule(cfg.wd, cfg.wd_end, total_steps), mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip), tx) if cfg.clip > 0 else tx
+
+
+# --- losses ------------------------------------------------------------------------------------
+def var_loss(var: VAR, params, labels, x, targets, token_weights, *, label_smoothing: float = 0.0,
+             train: bool = False, rng=None):
+    """Official transformer loss: sum_l w_l CE_l, averaged over the batch, and per-token stats.
+
+    token_weights (L,) are 1/L for every token (the plain mean) unless progressive training
+    masks or ramps later scales.
+    """
+    logits = var.apply({'params': params}, labels, x, train=train, rngs={'dropout': rng} if train else {})
+    V = logits.shape[-1]
+    onehot = jax.nn.one_hot(targets, V)
+    if label_smoothing:
+        onehot = onehot * (1 - label_smoothing) + label_smoothing / V
+    ce = optax.softmax_cross_entropy(logits, onehot)  # (B, L)
+    loss = jnp.mean(jnp.sum(ce * token_weights, axis=-1))
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    return loss, (ce, correct)
+
+
+def _scale_means(x, patch_nums):
+    """(B, L) -> (num_scales,) means over each scale's tokens."""
+    return jnp.stack([x[:, b:e].mean() for b, e in begin_ends(patch_nums)])
+
+
+# --- train states and steps --------------------------------------------------------------------
+def make_var_step(vqvae: VQVAE, var: VAR, tx: optax.GradientTransformation, label_smoothing: float):
+    """Transformer step: tokenize with the frozen VQVAE, teacher-force, AdamW. Pure in its inputs."""
+    def step(state, vae_params, batch, token_weights):
+        rng = jax.random.fold_in(state['rng'], state['step'])
+        idx = vqvae.apply({'params': vae_params}, batch['image'], method=VQVAE.img_to_idx)
+        x = vqvae.apply({'params': vae_params}, idx, method=VQVAE.idx_to_var_input)
+        targets = jnp.concatenate(idx, axis=1)
+        grad_fn = jax.value_and_grad(var_loss, argnums=1, has_aux=True)
+        (loss, (ce, correct)), grads = grad_fn(var, state['params'], batch['label'], x, targets, token_weights,
+                                               label_smoothing=label_smoothing, train=True, rng=rng)
+        grad_norm = optax.global_norm(grads)
+        ls, accs = _scale_means(ce, var.patch_nums), _scale_means(correct, var.patch_nums) * 100
+        metrics = dict(loss=loss, Lm=ce.mean(), Lt=ls[-1], Accm=correct.mean() * 100, Acct=accs[-1],
+                       grad_norm=grad_norm, lr=_current_lr(state['opt_state']))
+        metrics.update({f'L_{pn}': l for pn, l in zip(var.patch_nums, ls)})
+        metrics.update({f'acc_{pn}': a for pn, a in zip(var.patch_nums, accs)})
+        return _apply_update(state, grads, tx, loss, grad_norm), metrics
+    return step
+
+
+def make_vae_step(vqvae: VQVAE, tx: optax.GradientTransformation, l1: float, l2: float):
+    """Tokenizer step: L1 + L2 reconstruction + the quantizer's VQ loss, straight-through."""
+    def step(state, batch):
+        def loss_fn(params):
+            rec, vq_loss, hits = vqvae.apply({'params': params}, batch['image'])
+            err = rec - batch['image']
+            l1_loss, l2_loss = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
+            return l1 * l1_loss + l2 * l2_loss + vq_loss, (l1_loss, l2_loss, vq_loss, hits)
+        (loss, (l1_loss, l2_loss, vq_loss, hits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+        grad_norm = optax.global_norm(grads)
+        metrics = dict(loss=loss, rec_l1=l1_loss, rec_l2=l2_loss, vq=vq_loss, grad_norm=grad_norm,
+                       lr=_current_lr(state['opt_state']))
+        # Share of the codebook each scale used in this batch, in percent.
+        usage = jnp.mean(hits > 0, axis=-1) * 100
+        metrics.update({f'usage_{pn}': u for pn, u in zip(vqvae.patch_nums, usage)})
+        return _apply_update(state, grads, tx, loss, grad_norm), metrics
+    return step
+
+
+def _current_lr(opt_state):
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda s: hasattr(s, 'hyperparams')):
+        if hasattr(s, 'hyperparams'):
+            return s.hyperparams['learning_rate']
+    return jnp.nan
+
+
+def _apply_update(state, grads, tx, loss, grad_norm):
+    """AdamW update, skipped (state kept, flag raised) when the loss or gradients are not finite."""
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    return dict(state, params=keep(params, state['params']), opt_state=keep(opt_state, state['opt_state']),
+                step=state['step'] + 1, data_position=state['data_position'] + 1,
+                nonfinite=state['nonfinite'] | ~finite)
+
+
+def new_state(params, tx, seed: int):
+    """The checkpointed train state: params, optimizer state, step, rng, data position."""
+    return dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                rng=jax.random.PRNGKey(seed), data_position=jnp.zeros((), jnp.int32),
+                nonfinite=jnp.zeros((), bool))
+
+
+# --- progressive training ----------------------------------------------------------------------
+def progressive_token_weights(patch_nums, step: int, total_steps: int, warmup_steps: int,
+                              pg: float, pg0: int, pgwp_steps: int) -> np.ndarray:
+    """(L,) loss weights of the official progressive schedule (all 1/L when pg == 0).
+
+    Stage prog_si trains scales <= prog_si (later tokens weight 0: with block-causal attention
+    this equals truncating the sequence); its newest scale ramps from 0.01 to 1 over pgwp_steps,
+    except in the first stage. Weights are not renormalised, as in the official trainer.
+    """
+    be = begin_ends(patch_nums)
+    L, K = be[-1][1], len(patch_nums)
+    w = np.full(L, 1.0 / L, np.float32)
+    if not pg:
+        return w
+
+    def prog_si(it):
+        if it <= warmup_steps:
+            return pg0
+        if it >= total_steps * pg:
+            return K - 1
+        progress = min(max((it - warmup_steps) / (total_steps * pg - warmup_steps), 0), 1)
+        return pg0 + round(progress * (K - 1 - pg0))
+
+    si = prog_si(step)
+    start = step
+    while start > 0 and prog_si(start - 1) == si:
+        start -= 1
+    ramp = 1.0 if si == pg0 else max(min((step - start + 1) / max(pgwp_steps, 1), 1.0), 0.01)
+    w[be[si][1]:] = 0
+    w[be[si][0]:be[si][1]] *= ramp
+    return w
+
+
+# --- the loop ----------------------------------------------------------------------------------
+def _log_line(stage, step, total, metrics, img_per_s, eta_s):
+    keys = [k for k in ('loss', 'Lm', 'Lt', 'Accm', 'Acct', 'rec_l1', 'vq', 'grad_norm', 'lr') if k in metrics]
+    vals = ' '.join(f'{k} {metrics[k]:.4g}' for k in keys)
+    return f'[{stage}] step {step}/{total} {vals} | {img_per_s:.1f} img/s | ETA {eta_s / 60:.1f} min'
+
+
+def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_fn: Callable,
+        step_args: tuple, total_steps: int, batch_size: int, on_sample: Optional[Callable] = None,
+        token_weights_fn: Optional[Callable] = None):
+    """Runs `step_fn(state, *step_args, batch[, token_weights]) -> (state, metrics)` to total_steps.
+
+    Resumes from workdir/<stage>'s latest checkpoint; saves every config.save_every steps, at the
+    end and on SIGTERM; writes TensorBoard scalars and calls on_sample(params, step) every
+    config.sample_every steps and at the end. Returns the final state.
+    """
+    from var_jax import input_pipeline  # TensorFlow is only needed for the input pipeline
+    from flax.metrics import tensorboard
+
+    stage_dir = os.path.join(workdir, stage)
+    ckpt = Checkpointer(stage_dir, max_to_keep=config.keep_checkpoints, save_every=config.save_every,
+                        config=config, resumable_keys=DEFAULT_RESUMABLE_KEYS + RESUMABLE_KEYS)
+    start = ckpt.latest_step() or 0
+    if start:
+        state = ckpt.restore(sharding.with_shardings(state, state_shardings))
+        logging.info('[%s] resumed from step %d of %s', stage, start, stage_dir)
+    if start >= total_steps:
+        ckpt.close()
+        return state
+    batches = input_pipeline.make_train_iterator(config.data, batch_size, seed=config.seed, start_step=start)
+    writer = tensorboard.SummaryWriter(os.path.join(stage_dir, 'tb')) if jax.process_index() == 0 else None
+    batch_sharding = sharding.batch_sharding(mesh)
+    data_shardings = {'image': batch_sharding, 'label': batch_sharding}
+    extra = (sharding.replicated(mesh),) if token_weights_fn else ()
+    jitted = jax.jit(step_fn, in_shardings=(state_shardings, *[sharding.replicated(mesh)] * len(step_args),
+                                            data_shardings, *extra),
+                     out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    t0, t_last, step_last = time.time(), time.time(), start
+    pending = []
+    with ckpt.handle_preemption():
+        for step in range(start, total_steps):
+            batch = next(batches)
+            batch = sharding.global_batch({'image': batch['image'], 'label': batch['label']}, mesh)
+            weights = (jnp.asarray(token_weights_fn(step)),) if token_weights_fn else ()
+            state, metrics = jitted(state, *step_args, batch, *weights)
+            pending.append(metrics)
+            done = step + 1
+            stop = ckpt.should_stop(done)
+            if done % config.log_every == 0 or done == total_steps or stop or done % config.save_every == 0:
+                if bool(jax.device_get(state['nonfinite'])):
+                    ckpt.close()
+                    raise NonFiniteError(
+                        f'[{stage}] a NaN/Inf loss or gradient appeared before step {done}; the update was '
+                        f'skipped and the last good checkpoint (step {ckpt.latest_step()}) in {stage_dir} is '
+                        f'kept. Lower the learning rate (tblr) or check the data.')
+            if done % config.log_every == 0 or done == total_steps:
+                host = jax.device_get(pending)
+                mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                pending = []
+                now = time.time()
+                img_s = (done - step_last) * batch_size / max(now - t_last, 1e-9)
+                eta = (total_steps - done) * (now - t_last) / max(done - step_last, 1)
+                t_last, step_last = now, done
+                logging.info(_log_line(stage, done, total_steps, mean, img_s, eta))
+                print(_log_line(stage, done, total_steps, mean, img_s, eta), flush=True)
+                if writer:
+                    for k, v in mean.items():
+                        writer.scalar(f'{stage}/{k}', v, done)
+                    writer.scalar(f'{stage}/img_per_s', img_s, done)
+                    writer.flush()
+            ckpt.save(done, state, force=stop or done == total_steps)
+            if on_sample and (done % config.sample_every == 0 or done == total_steps):
+                on_sample(state['params'], done)
+            if stop:
+                logging.warning('[%s] preempted: saved step %d, exiting', stage, done)
+                break
+    ckpt.close()
+    if writer:
+        writer.close()
+    logging.info('[%s] finished in %.1f s', stage, time.time() - t0)
+    if ckpt.preempted:
+        raise SystemExit(f'preempted at step {done}; run the same command again to resume')
+    return state
+
+
+# --- the two stages ----------------------------------------------------------------------------
+RESUMABLE_KEYS = ('*total_steps', '*log_every*', '*sample_every*', '*save_every*', '*keep_checkpoints*',
+                  'sample', 'sample.*', 'mesh', 'mesh.*', 'distributed', 'stages')
+
+
+def build_from_config(config):
+    """(VQVAE, VAR) from config.vae / config.var; the VAR takes vocabulary/Cvae/scales from the VQVAE.
+
+    var.num_classes <= 0 means the dataset's number of classes.
+    """
+    var_kwargs = config.var.to_dict()
+    R = config.vae.patch_nums[-1] * 2 ** (len(config.vae.ch_mult) - 1)
+    if config.data.image_size != R:
+        raise ValueError(f'data.image_size={config.data.image_size} but the tokenizer maps {R} px images to its '
+                         f'last scale {config.vae.patch_nums[-1]}; set data.image_size={R} or change '
+                         f'vae.patch_nums / vae.ch_mult')
+    if var_kwargs['num_classes'] <= 0:
+        from var_jax import input_pipeline
+        var_kwargs['num_classes'] = input_pipeline.num_classes(config.data)
+    return api.build_models(config.vae, var_kwargs)
+
+
+def export_dir(workdir: str) -> str:
+    """Where a run leaves its final models, in the format of `python -m var_jax.convert`."""
+    return os.path.join(workdir, 'export')
+
+
+def _mesh(config):
+    return sharding.make_mesh(config.mesh.fsdp)
+
+
+def _init_state(mesh, tx, seed, init_fn=None, params=None):
+    """Train state created already sharded: from init_fn(key), or around given (pretrained) params."""
+    if params is None:
+        return sharding.init_sharded(lambda key: new_state(init_fn(key), tx, seed), mesh, jax.random.PRNGKey(seed))
+    make = lambda p: new_state(p, tx, seed)
+    shardings = sharding.param_sharding(mesh, jax.eval_shape(make, params))
+    params = jax.device_put(params, shardings['params'])
+    return jax.jit(make, out_shardings=shardings)(params), shardings
+
+
+def _load_init_from(config):
+    """The converted / exported checkpoint named by config.init_from: (model cfg, params) or None."""
+    from var_jax import convert
+    if not config.init_from:
+        return None
+    if not os.path.isdir(config.init_from):
+        raise FileNotFoundError(f'init_from={config.init_from!r} does not exist; point it at a directory '
+                                f'written by python -m var_jax.convert or at a finished run\'s export/')
+    return convert.load_pretrained(config.init_from)
+
+
+def _check_same_model(name, cfg_from_ckpt: dict, model) -> None:
+    for k, v in cfg_from_ckpt.items():
+        if getattr(model, k, v) != v and k != 'dtype':
+            raise ValueError(f'init_from {name} has {k}={v} but the config builds {k}={getattr(model, k)}; '
+                             f'set config.{name}.{k} = {v!r} (or leave init_from empty)')
+
+
+def train_tokenizer(config, workdir: str):
+    """Stage 1: trains the VQVAE (or takes config.init_from's); exports it; returns its params."""
+    from var_jax import convert
+    vqvae, _ = build_from_config(config)
+    pre = _load_init_from(config)
+    if pre is not None and 'vae' in pre[1]:
+        _check_same_model('vae', pre[0]['vae'], vqvae)
+        logging.info('tokenizer: using %s (no stage-1 training)', config.init_from)
+        return pre[1]['vae']
+    cfg = config.tokenizer
+    mesh = _mesh(config)
+    tx = make_optimizer(cfg.optim, cfg.total_steps, cfg.batch_size)
+    R = vqvae.image_size
+    state, shardings = _init_state(mesh, tx, config.seed, lambda k: vqvae.init(k, jnp.zeros((1, R, R, 3)))['params'])
+    recon = jax.jit(lambda p, img: vqvae.apply({'params': p}, img)[0])
+    first = _fixed_images(config, 16)
+
+    def on_sample(params, step):
+        if jax.process_index() == 0:
+            rec = jnp.clip(recon(params, first), -1, 1)
+            path = os.path.join(workdir, 'tokenizer', 'samples', f'recon_{step:07d}.png')
+            save_png(path, np.concatenate([first, np.asarray(rec)]) * 0.5 + 0.5, ncols=16)
+
+    state = fit('tokenizer', workdir, config, state=state, state_shardings=shardings, mesh=mesh,
+                step_fn=make_vae_step(vqvae, tx, cfg.l1, cfg.l2), step_args=(), total_steps=cfg.total_steps,
+                batch_size=cfg.batch_size, on_sample=on_sample)
+    params = jax.device_get(state['params'])
+    if jax.process_index() == 0:
+        convert.save_pretrained(os.path.join(workdir, 'tokenizer', 'export'), _model_cfg(vqvae), params)
+    return params
+
+
+def _fixed_images(config, n):
+    from var_jax import input_pipeline
+    batch = next(input_pipeline.make_eval_iterator(config.data, n, process_index=0, process_count=1))
+    return batch['image'][:n]
+
+
+def _model_cfg(model) -> dict:
+    """Constructor kwargs of a linen module (its dataclass fields), JSON-friendly."""
+    out = {}
+    for name in model.__dataclass_fields__:
+        if name in ('parent', 'name'):
+            continue
+        v = getattr(model, name)
+        out[name] = str(jnp.dtype(v)) if name == 'dtype' else v
+    return out
+
+
+def _tokenizer_params(config, workdir):
+    from var_jax import convert
+    pre = _load_init_from(config)
+    if pre is not None and 'vae' in pre[1]:
+        return pre[1]['vae']
+    path = os.path.join(workdir, 'tokenizer', 'export')
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f'no tokenizer for the transformer stage: {path} does not exist. Run the '
+                                f'tokenizer stage first (config.stages includes "tokenizer") or set '
+                                f'config.init_from to a converted checkpoint with a VQVAE')
+    return convert.load_pretrained(path)[1]['vae']
+
+
+def train_transformer(config, workdir: str, vae_params=None):
+    """Stage 2: trains the VAR on the frozen tokenizer's tokens; exports both models."""
+    from var_jax import convert
+    vqvae, var = build_from_config(config)
+    vae_params = _tokenizer_params(config, workdir) if vae_params is None else vae_params
+    from var_jax import input_pipeline
+    if input_pipeline.num_classes(config.data) > var.num_classes:
+        raise ValueError(f'the dataset has {input_pipeline.num_classes(config.data)} classes but var.num_classes='
+                         f'{var.num_classes}; set var.num_classes to at least that (or 0 to follow the data)')
+    cfg = config.transformer
+    mesh = _mesh(config)
+    tx = make_optimizer(cfg.optim, cfg.total_steps, cfg.batch_size)
+    pre = _load_init_from(config)
+    if pre is not None and 'var' in pre[1]:
+        _check_same_model('var', pre[0]['var'], var)
+        state, shardings = _init_state(mesh, tx, config.seed, params=pre[1]['var'])
+    else:
+        L = sum(p * p for p in var.patch_nums)
+        x = jnp.zeros((1, L - var.patch_nums[0] ** 2, var.cvae))
+        state, shardings = _init_state(mesh, tx, config.seed,
+                                       lambda k: var.init(k, jnp.zeros((1,), jnp.int32), x)['params'])
+    vae_params = jax.device_put(vae_params, sharding.replicated(mesh))
+    weights = functools.partial(progressive_token_weights, var.patch_nums, total_steps=cfg.total_steps,
+                                warmup_steps=cfg.optim.warmup_steps, pg=cfg.pg, pg0=cfg.pg0,
+                                pgwp_steps=cfg.pgwp_steps)
+
+    def on_sample(params, step):
+        try:
+            from var_jax import sampling
+        except ImportError:
+            return
+        labels = np.arange(config.sample.num_images) % var.num_classes
+        out = sampling.sample(vqvae, vae_params, var, params, labels, jax.random.PRNGKey(config.sample.seed),
+                              cfg=config.sample.cfg, top_k=config.sample.top_k, top_p=config.sample.top_p)
+        if jax.process_index() == 0:
+            save_png(os.path.join(workdir, 'transformer', 'samples', f'samples_{step:07d}.png'),
+                     np.asarray(out['images']), ncols=config.sample.ncols)
+
+    state = fit('transformer', workdir, config, state=state, state_shardings=shardings, mesh=mesh,
+                step_fn=make_var_step(vqvae, var, tx, cfg.label_smoothing), step_args=(vae_params,),
+                total_steps=cfg.total_steps, batch_size=cfg.batch_size, on_sample=on_sample,
+                token_weights_fn=lambda s: weights(s))
+    params = jax.device_get(state['params'])
+    if jax.process_index() == 0:
+        convert.save_pretrained(export_dir(workdir), _model_cfg(vqvae), jax.device_get(vae_params),
+                                _model_cfg(var), params)
+    return params
+
+
+def run(config, workdir: str):
+    """The stages named in config.stages, in order ('tokenizer,transformer' by default)."""
+    stages = [s.strip() for s in config.stages.split(',') if s.strip()]
+    unknown = set(stages) - {'tokenizer', 'transformer'}
+    if unknown:
+        raise ValueError(f'unknown stages {sorted(unknown)} in config.stages={config.stages!r}; '
+                         f'use "tokenizer", "transformer" or "tokenizer,transformer"')
+    vae_params = train_tokenizer(config, workdir) if 'tokenizer' in stages else None
+    if 'transformer' in stages:
+        train_transformer(config, workdir, vae_params)
