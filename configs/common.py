@@ -44,7 +44,8 @@ def base_config():
         dtype='float32'))            # compute dtype of the transformer blocks ('bfloat16' on GPU/TPU)
 
     c.tokenizer = ml_collections.ConfigDict(dict(
-        total_steps=10000, batch_size=64, l1=0.2, l2=1.0, optim=optim(1e-3, 500, wd=0.0, wpe=0.05)))
+        total_steps=10000, batch_size=64, l1=0.2, l2=1.0, restart_every=100,   # dead-code restart (0: off)
+        optim=optim(1e-3, 500, wd=0.0, wpe=0.05)))
     c.transformer = ml_collections.ConfigDict(dict(
         total_steps=10000, batch_size=256, label_smoothing=0.0,
         pg=0.0, pg0=4, pgwp_steps=1,           # progressive training (official default off)

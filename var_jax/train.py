@@ -124,23 +124,45 @@ def make_var_step(vqvae: VQVAE, var: VAR, tx: optax.GradientTransformation, labe
     return step
 
 
-def make_vae_step(vqvae: VQVAE, tx: optax.GradientTransformation, l1: float, l2: float):
-    """Tokenizer step: L1 + L2 reconstruction + the quantizer's VQ loss, straight-through."""
+def make_vae_step(vqvae: VQVAE, tx: optax.GradientTransformation, l1: float, l2: float, restart_every: int = 0):
+    """Tokenizer step: L1 + L2 reconstruction + the quantizer's VQ loss, straight-through.
+
+    With restart_every > 0, codes that no scale picked during the last restart_every steps are
+    re-seeded with latent vectors of the current batch (dead-code restart; at step 0 this seeds
+    the codebook from data). This counters the codebook collapse VQ training is prone to.
+    """
     def step(state, batch):
         def loss_fn(params):
-            rec, vq_loss, hits = vqvae.apply({'params': params}, batch['image'])
+            rec, vq_loss, hits, f = vqvae.apply({'params': params}, batch['image'])
             err = rec - batch['image']
             l1_loss, l2_loss = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
-            return l1 * l1_loss + l2 * l2_loss + vq_loss, (l1_loss, l2_loss, vq_loss, hits)
-        (loss, (l1_loss, l2_loss, vq_loss, hits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+            return l1 * l1_loss + l2 * l2_loss + vq_loss, (l1_loss, l2_loss, vq_loss, hits, f)
+        (loss, (l1_loss, l2_loss, vq_loss, hits, f)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state['params'])
         grad_norm = optax.global_norm(grads)
         metrics = dict(loss=loss, rec_l1=l1_loss, rec_l2=l2_loss, vq=vq_loss, grad_norm=grad_norm,
                        lr=_current_lr(state['opt_state']))
         # Share of the codebook each scale used in this batch, in percent.
         usage = jnp.mean(hits > 0, axis=-1) * 100
         metrics.update({f'usage_{pn}': u for pn, u in zip(vqvae.patch_nums, usage)})
-        return _apply_update(state, grads, tx, loss, grad_norm), metrics
+        new = _apply_update(state, grads, tx, loss, grad_norm)
+        if restart_every > 0:
+            new = _restart_dead_codes(new, state['code_hits'] + hits.sum(0), f, restart_every)
+        return new, metrics
     return step
+
+
+def _restart_dead_codes(state, code_hits, f, every: int):
+    """Every `every` steps, replaces never-hit codes by random latent vectors of the batch."""
+    flat = jax.lax.stop_gradient(f).reshape(-1, f.shape[-1])
+    key = jax.random.fold_in(jax.random.fold_in(state['rng'], state['step']), 1)
+    pick = flat[jax.random.randint(key, (code_hits.shape[0],), 0, flat.shape[0])]
+    now = (state['step'] - 1) % every == 0  # state['step'] was already incremented
+    dead = now & (code_hits == 0)
+    codebook = state['params']['quantize']['embedding']
+    params = dict(state['params'], quantize=dict(state['params']['quantize'],
+                                                 embedding=jnp.where(dead[:, None], pick, codebook)))
+    return dict(state, params=params, code_hits=jnp.where(now, 0, code_hits))
 
 
 def _current_lr(opt_state):
@@ -317,11 +339,16 @@ def _mesh(config):
     return sharding.make_mesh(config.mesh.fsdp)
 
 
-def _init_state(mesh, tx, seed, init_fn=None, params=None):
-    """Train state created already sharded: from init_fn(key), or around given (pretrained) params."""
+def _init_state(mesh, tx, seed, init_fn=None, params=None, extra=None):
+    """Train state created already sharded: from init_fn(key), or around given (pretrained) params.
+
+    extra: additional state entries (e.g. the tokenizer's code hit counts).
+    """
+    extra = extra or {}
     if params is None:
-        return sharding.init_sharded(lambda key: new_state(init_fn(key), tx, seed), mesh, jax.random.PRNGKey(seed))
-    make = lambda p: new_state(p, tx, seed)
+        return sharding.init_sharded(lambda key: new_state(init_fn(key), tx, seed) | extra, mesh,
+                                     jax.random.PRNGKey(seed))
+    make = lambda p: new_state(p, tx, seed) | extra
     shardings = sharding.param_sharding(mesh, jax.eval_shape(make, params))
     params = jax.device_put(params, shardings['params'])
     return jax.jit(make, out_shardings=shardings)(params), shardings
@@ -358,7 +385,8 @@ def train_tokenizer(config, workdir: str):
     mesh = _mesh(config)
     tx = make_optimizer(cfg.optim, cfg.total_steps, cfg.batch_size)
     R = vqvae.image_size
-    state, shardings = _init_state(mesh, tx, config.seed, lambda k: vqvae.init(k, jnp.zeros((1, R, R, 3)))['params'])
+    state, shardings = _init_state(mesh, tx, config.seed, lambda k: vqvae.init(k, jnp.zeros((1, R, R, 3)))['params'],
+                                   extra=dict(code_hits=jnp.zeros((vqvae.vocab_size,), jnp.int32)))
     recon = jax.jit(lambda p, img: vqvae.apply({'params': p}, img)[0])
     first = _fixed_images(config, 16)
 
@@ -369,7 +397,8 @@ def train_tokenizer(config, workdir: str):
             save_png(path, np.concatenate([first, np.asarray(rec)]) * 0.5 + 0.5, ncols=16)
 
     state = fit('tokenizer', workdir, config, state=state, state_shardings=shardings, mesh=mesh,
-                step_fn=make_vae_step(vqvae, tx, cfg.l1, cfg.l2), step_args=(), total_steps=cfg.total_steps,
+                step_fn=make_vae_step(vqvae, tx, cfg.l1, cfg.l2, cfg.restart_every), step_args=(),
+                total_steps=cfg.total_steps,
                 batch_size=cfg.batch_size, on_sample=on_sample)
     params = jax.device_get(state['params'])
     if jax.process_index() == 0:

@@ -191,6 +191,7 @@ class VQVAE(nn.Module):
         return self.quantize.next_autoregressive_input(si, f_hat, h)
 
     def __call__(self, img):
-        """Training forward: (reconstruction (unclamped), vq_loss, per-scale code hits (S, V))."""
-        f_hat, vq_loss, hits = self.quantize(self.img_to_f(img))
-        return self.fhat_to_img(f_hat, clamp=False), vq_loss, hits
+        """Training forward: (reconstruction (unclamped), vq_loss, per-scale code hits (S, V), latent f)."""
+        f = self.img_to_f(img)
+        f_hat, vq_loss, hits = self.quantize(f)
+        return self.fhat_to_img(f_hat, clamp=False), vq_loss, hits, f
