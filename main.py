@@ -13,7 +13,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, TensorBoard, samples). '
                     'Default: workdirs/<config file name>.')
-flags.DEFINE_enum('mode', 'train', ['train'], 'What to do.')
+flags.DEFINE_enum('mode', 'train', ['train', 'sample'], 'train: the stages in config.stages; '
+                  'sample: images from the trained run (or config.init_from) into workdir/samples.')
 flags.mark_flags_as_required(['config'])
 
 
@@ -22,6 +23,7 @@ def main(argv):
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     config = FLAGS.config
     import jax
+    # Sampling needs no TensorFlow; training imports it only for the input pipeline (CPU only).
     if config.distributed:
         jax.distributed.initialize()
     workdir = FLAGS.workdir or os.path.join(
@@ -31,6 +33,9 @@ def main(argv):
     if FLAGS.mode == 'train':
         from var_jax import train
         train.run(config, workdir)
+    else:
+        from var_jax import generate
+        generate.run(config, workdir)
 
 
 if __name__ == '__main__':

@@ -467,7 +467,8 @@ def train_transformer(config, workdir: str, vae_params=None):
             from var_jax import sampling
         except ImportError:
             return
-        labels = np.arange(config.sample.num_images) % var.num_classes
+        from var_jax.generate import parse_labels
+        labels = parse_labels(config.sample.labels, config.sample.num_images, var.num_classes)
         out = sampling.sample(vqvae, vae_params, var, params, labels, jax.random.PRNGKey(config.sample.seed),
                               cfg=config.sample.cfg, top_k=config.sample.top_k, top_p=config.sample.top_p)
         if jax.process_index() == 0:

@@ -1,0 +1,89 @@
+"""The sampling command (`python main.py --mode=sample`): images, a per-scale picture, tokens.
+
+Models come from the run's export (workdir/export, written at the end of training) or, if the
+run has none, from config.init_from (a converted official checkpoint). Settings are
+config.sample.* (`--config.sample.cfg=4 --config.sample.labels=1,2,3`).
+"""
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from var_jax import api, sampling, sharding
+from var_jax.images import save_png
+from var_jax.models.vqvae import VQVAE
+
+
+def load_models(config, workdir: str):
+    """(vqvae, vae_params, var, var_params) of the run in workdir, else of config.init_from."""
+    candidates = [os.path.join(workdir, 'export')] + ([config.init_from] if config.init_from else [])
+    for path in candidates:
+        if os.path.exists(os.path.join(path, 'model.json')):
+            vqvae, vp, var, tp = api.load_pretrained(path)
+            if var is not None:
+                return vqvae, vp, var, tp
+    raise FileNotFoundError(
+        f'nothing to sample from: none of {candidates} holds a trained VAR (model.json with a "var" '
+        f'entry). Train first (python main.py --config=... --workdir={workdir}) or set '
+        f'--config.init_from to a directory written by python -m var_jax.convert --vae ... --var ...')
+
+
+def parse_labels(spec: str, num_images: int, num_classes: int) -> np.ndarray:
+    """'' -> classes spread evenly over the images; '3' -> all 3; '1,2,3' -> cycled to num_images."""
+    if not spec:
+        return (np.arange(num_images) * num_classes // max(num_images, 1)).astype(np.int32)
+    try:
+        values = [int(x) for x in str(spec).split(',') if x.strip()]
+    except ValueError:
+        raise ValueError(f'sample.labels={spec!r}: give comma-separated class indices, e.g. "1,2,3"') from None
+    return np.resize(np.asarray(values, np.int32), num_images)
+
+
+def progression(vqvae: VQVAE, vae_params, idx):
+    """Images decoded from f_hat after each scale: (num_scales, B, R, R, 3) in [0, 1]."""
+    def run(p, idx):
+        m = vqvae.bind({'params': p})
+        return jnp.stack([m.fhat_to_img(f) for f in m.quantize.idx_to_fhat(idx, cumulative=True)]) * 0.5 + 0.5
+    return jax.jit(run)(vae_params, idx)
+
+
+def run(config, workdir: str):
+    """Samples config.sample.num_images images in batches; writes PNGs and tokens under workdir/samples."""
+    from tqdm import tqdm
+    s = config.sample
+    vqvae, vae_params, var, var_params = load_models(config, workdir)
+    labels = parse_labels(s.labels, s.num_images, var.num_classes)
+    api.check_labels(labels, var.num_classes)
+    mesh = sharding.make_mesh(1)
+    n_dev = jax.device_count()
+    batch = max(n_dev, -(-min(s.batch_size, s.num_images) // n_dev) * n_dev)  # a multiple of the devices
+    rep = sharding.replicated(mesh)
+    vae_params, var_params = jax.device_put((vae_params, var_params), rep)
+    key = jax.random.PRNGKey(s.seed)
+    images, idx_all = [], []
+    for i in tqdm(range(math.ceil(len(labels) / batch)), desc='sampling', unit='batch'):
+        chunk = labels[i * batch:(i + 1) * batch]
+        padded = np.resize(chunk, batch)  # the last batch is padded to keep one compiled shape
+        out = sampling.sample(vqvae, vae_params, var, var_params,
+                              jax.device_put(padded, sharding.batch_sharding(mesh)), jax.random.fold_in(key, i),
+                              cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, temperature=s.temperature,
+                              more_smooth=s.more_smooth)
+        images.append(np.asarray(out['images'])[:len(chunk)])
+        idx_all.append([np.asarray(x)[:len(chunk)] for x in out['idx']])
+    images = np.concatenate(images)
+    idx = [np.concatenate([b[si] for b in idx_all]) for si in range(len(var.patch_nums))]
+    out_dir = os.path.join(workdir, 'samples')
+    os.makedirs(out_dir, exist_ok=True)
+    grid = save_png(os.path.join(out_dir, 'grid.png'), images, ncols=s.ncols)
+    n_prog = min(8, len(labels))
+    prog = np.asarray(progression(vqvae, vae_params, [jnp.asarray(x[:n_prog]) for x in idx]))
+    # One row per image, one column per scale (coarse to fine).
+    steps = save_png(os.path.join(out_dir, 'progression.png'),
+                     prog.transpose(1, 0, 2, 3, 4).reshape(-1, *prog.shape[2:]), ncols=len(var.patch_nums))
+    tmp = os.path.join(out_dir, 'tokens.tmp.npz')
+    np.savez(tmp, labels=labels, **{f'idx_{si:02d}': x for si, x in enumerate(idx)})
+    os.replace(tmp, os.path.join(out_dir, 'tokens.npz'))
+    print(f'wrote {grid}, {steps} and {os.path.join(out_dir, "tokens.npz")} ({len(labels)} images)')
+    return images, idx
