@@ -11,76 +11,36 @@ the work did not parallelise).
     python benchmarks/sample.py                      # the small CPU bench config
     python benchmarks/sample.py --preset d16         # VAR-d16 at 256 px, batch 64 (GPU)
 """
-import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: F401  (puts the repository on sys.path)
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from var_jax import sampling  # noqa: E402
-from var_jax.models.var import VAR, var_config_for_depth  # noqa: E402
-from var_jax.models.vqvae import VQVAE  # noqa: E402
-
-PRESETS = {
-    # Small config that runs on a laptop CPU: 32 px, 8x8 latent.
-    'bench': dict(depth=6, width=384, heads=6, patch_nums='1,2,3,4,6,8', vocab=512, cvae=16, vae_ch=32,
-                  vae_ch_mult='1,2,2', num_classes=1000, batch=32, cfg=1.5, top_k=100, top_p=0.95),
-    # VAR-d16 with the released tokenizer's shapes, 256 px, the README's FID sampling settings.
-    'd16': dict(depth=16, width=1024, heads=16, patch_nums='1,2,3,4,5,6,8,10,13,16', vocab=4096, cvae=32,
-                vae_ch=160, vae_ch_mult='1,1,2,2,4', num_classes=1000, batch=64, cfg=1.5, top_k=900, top_p=0.96),
-}
-
-
-def _ints(s):
-    return tuple(int(x) for x in s.split(','))
+from var_jax import api, sampling
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--preset', choices=sorted(PRESETS), default='bench',
-                   help='base config; the flags below override it')
-    for name, typ in (('depth', int), ('width', int), ('heads', int), ('patch_nums', str), ('vocab', int),
-                      ('cvae', int), ('vae_ch', int), ('vae_ch_mult', str), ('num_classes', int), ('batch', int)):
-        p.add_argument(f'--{name}', type=typ, default=None)
-    p.add_argument('--cfg', type=float, default=None)
-    p.add_argument('--top_k', type=int, default=None)
-    p.add_argument('--top_p', type=float, default=None)
+    p = common.model_parser(__doc__)
+    p.add_argument('--cfg', type=float, default=1.5)
+    p.add_argument('--top_k', type=int, default=100)
+    p.add_argument('--top_p', type=float, default=0.95)
     p.add_argument('--temperature', type=float, default=1.0)
     p.add_argument('--more_smooth', action='store_true')
-    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
-                   help='compute dtype of the transformer blocks (params, logits and the VQVAE stay float32)')
-    p.add_argument('--iters', type=int, default=10)
-    p.add_argument('--flops', action='store_true', help="report XLA's FLOP count (compiles once more)")
+    p.add_argument('--flops', action='store_true', help="also report XLA's FLOP count of one batch")
     p.add_argument('--ckpt', default=None, help='converted checkpoint dir (var_jax.convert.save_pretrained)')
-    args = p.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+    return common.parse(p, argv)
 
 
 def build(args):
     """(vqvae, vae_params, var, var_params): from --ckpt or freshly initialised."""
-    dtype = jnp.bfloat16 if args.dtype == 'bfloat16' else jnp.float32
     if args.ckpt:
-        from var_jax.convert import load_pretrained
-        cfg, params = load_pretrained(args.ckpt)
-        return VQVAE(**cfg['vae']), params['vae'], VAR(**dict(cfg['var'], dtype=dtype)), params['var']
-    pns = _ints(args.patch_nums)
-    vqvae = VQVAE(vocab_size=args.vocab, z_channels=args.cvae, ch=args.vae_ch, ch_mult=_ints(args.vae_ch_mult),
-                  patch_nums=pns)
-    var = VAR(**var_config_for_depth(args.depth, embed_dim=args.width, num_heads=args.heads, vocab_size=args.vocab,
-                                     cvae=args.cvae, num_classes=args.num_classes, patch_nums=pns, dtype=dtype))
-    k1, k2 = jax.random.split(jax.random.PRNGKey(0))
-    R = vqvae.image_size
-    vae_params = jax.jit(vqvae.init)(k1, jnp.zeros((1, R, R, 3)))['params']
-    L = sum(p * p for p in pns)
-    var_params = jax.jit(var.init)(k2, jnp.zeros((1,), jnp.int32), jnp.zeros((1, L - pns[0] ** 2, args.cvae)))['params']
+        vqvae, vae_params, var, var_params = api.load_pretrained(args.ckpt)
+        return vqvae, vae_params, var.clone(dtype=args.dtype), var_params
+    vqvae, var = common.build_models(args)
+    vae_params, var_params = api.init_params(vqvae, var, jax.random.PRNGKey(0))
     return vqvae, vae_params, var, var_params
 
 

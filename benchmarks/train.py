@@ -8,50 +8,25 @@ device's known peak), XLA's own FLOP count of the step and peak memory.
     python benchmarks/train.py                            # the small CPU bench config, batch 32
     python benchmarks/train.py --preset d16 --dtype bfloat16 --peak_tflops 989   # VAR-d16, 256 px
 """
-import argparse
-import os
 import resource
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-
-from var_jax import api, sharding, train  # noqa: E402
-from var_jax.models.var import var_config_for_depth  # noqa: E402
-
-PRESETS = {
-    'bench': dict(depth=6, width=384, heads=6, patch_nums='1,2,3,4,6,8', vocab=512, cvae=16, vae_ch=32,
-                  vae_ch_mult='1,2,2', num_classes=1000, batch=32),
-    'd16': dict(depth=16, width=1024, heads=16, patch_nums='1,2,3,4,5,6,8,10,13,16', vocab=4096, cvae=32,
-                vae_ch=160, vae_ch_mult='1,1,2,2,4', num_classes=1000, batch=64),
-}
-
-
-def _ints(s):
-    return tuple(int(x) for x in s.split(','))
+from var_jax import sharding, train
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--preset', choices=sorted(PRESETS), default='bench')
-    for name, typ in (('depth', int), ('width', int), ('heads', int), ('patch_nums', str), ('vocab', int),
-                      ('cvae', int), ('vae_ch', int), ('vae_ch_mult', str), ('num_classes', int), ('batch', int)):
-        p.add_argument(f'--{name}', type=typ, default=None)
-    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+    p = common.model_parser(__doc__)
     p.add_argument('--fsdp', type=int, default=1)
-    p.add_argument('--iters', type=int, default=10)
-    p.add_argument('--peak_tflops', type=float, default=None, help='per-device peak for MFU (e.g. 989 for H100/H200 bf16)')
-    args = p.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+    p.add_argument('--peak_tflops', type=float, default=None,
+                   help='per-device peak for MFU (e.g. 989 for H100/H200 bf16)')
+    return common.parse(p, argv)
 
 
 def analytic_flops(var, batch):
@@ -64,21 +39,17 @@ def analytic_flops(var, batch):
 
 def main(argv=None):
     a = parse_args(argv)
-    pns = _ints(a.patch_nums)
-    vae_kw = dict(vocab_size=a.vocab, z_channels=a.cvae, ch=a.vae_ch, ch_mult=_ints(a.vae_ch_mult), patch_nums=pns)
-    var_kw = var_config_for_depth(a.depth, embed_dim=a.width, num_heads=a.heads, num_classes=a.num_classes,
-                                  dtype=a.dtype)
-    vqvae, var = api.build_models(vae_kw, var_kw)
+    pns = common.ints(a.patch_nums)
+    vqvae, var = common.build_models(a)
     mesh = sharding.make_mesh(a.fsdp)
     optim = ml_collections.ConfigDict(dict(tblr=1e-4, warmup_steps=100, wp0=0.005, wpe=0.1, wd=0.05,
                                            wd_end=0.05, clip=2.0, beta1=0.9, beta2=0.95))
     tx = train.make_optimizer(optim, 1000, a.batch)
-    vae_params, _ = jax.jit(lambda k: api.init_params(vqvae, var, k))(jax.random.PRNGKey(0)), None
-    vae_params = vae_params[0]
+    R = vqvae.image_size
+    vae_params = jax.jit(vqvae.init)(jax.random.PRNGKey(0), jnp.zeros((1, R, R, 3)))['params']
     L = sum(p * p for p in pns)
     state, shardings = train._init_state(
         mesh, tx, 0, lambda k: var.init(k, jnp.zeros((1,), jnp.int32), jnp.zeros((1, L - 1, a.cvae)))['params'])
-    R = vqvae.image_size
     rng = np.random.default_rng(0)
     batch = sharding.global_batch({'image': rng.uniform(-1, 1, (a.batch, R, R, 3)).astype(np.float32),
                                    'label': rng.integers(0, a.num_classes, a.batch).astype(np.int32)}, mesh)

@@ -38,15 +38,24 @@ class NonFiniteError(FloatingPointError):
 
 
 # --- schedules and optimizer -------------------------------------------------------------------
-def lin0_lr_schedule(peak: float, total_steps: int, warmup_steps: int, wp0: float = 0.005,
-                     wpe: float = 0.01) -> optax.Schedule:
-    """Official 'lin0': linear warm-up from wp0*peak, hold 5% of the rest, then linear to wpe*peak."""
+def lr_schedule(peak: float, total_steps: int, warmup_steps: int, wp0: float = 0.005, wpe: float = 0.01,
+                pg: float = 0.0) -> optax.Schedule:
+    """The official lr schedule: linear warm-up from wp0*peak, then 'lin0' or, with progressive
+    training (pg > 0), 'lin<pg>'.
+
+    lin0 holds the peak for 5% of the rest, then decays linearly to wpe*peak. lin<T> decays
+    linearly to mid*peak at fraction T, then to wpe*peak, with mid = (1 + wpe + (1-wpe)(1-T))/2.
+    """
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
-        warm = peak * (wp0 + (1 - wp0) * step / max(warmup_steps, 1))
+        warm = wp0 + (1 - wp0) * step / max(warmup_steps, 1)
         pasd = (step - warmup_steps) / max(total_steps - 1 - warmup_steps, 1)
-        after = jnp.where(pasd < 0.05, peak, peak * (wpe + (1 - wpe) * (1 - pasd) / 0.95))
-        return jnp.where(step < warmup_steps, warm, after)
+        if pg:
+            mid = (1 + wpe + (1 - wpe) * (1 - pg)) / 2
+            after = jnp.where(pasd < pg, 1 + (mid - 1) * pasd / pg, wpe + (mid - wpe) * (1 - pasd) / (1 - pg))
+        else:
+            after = jnp.where(pasd < 0.05, 1.0, wpe + (1 - wpe) * (1 - pasd) / 0.95)
+        return peak * jnp.where(step < warmup_steps, warm, after)
     return schedule
 
 
@@ -66,14 +75,16 @@ def decay_mask(params):
         for k, v in flat.items()})
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, batch_size: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, batch_size: int,
+                   pg: float = 0.0) -> optax.GradientTransformation:
     """AdamW with the official lr / wd schedules and global-norm clipping.
 
     cfg: tblr (lr per 256 images), warmup_steps, wp0, wpe, wd, wd_end, clip, beta1, beta2.
+    pg: progressive-training fraction (selects the official 'lin<pg>' lr schedule).
     """
     peak = cfg.tblr * batch_size / 256
     tx = optax.inject_hyperparams(optax.adamw, static_args=('mask',))(
-        learning_rate=lin0_lr_schedule(peak, total_steps, cfg.warmup_steps, cfg.wp0, cfg.wpe),
+        learning_rate=lr_schedule(peak, total_steps, cfg.warmup_steps, cfg.wp0, cfg.wpe, pg),
         b1=cfg.beta1, b2=cfg.beta2, eps=1e-8,
         weight_decay=cosine_wd_schedule(cfg.wd, cfg.wd_end, total_steps), mask=decay_mask)
     return optax.chain(optax.clip_by_global_norm(cfg.clip), tx) if cfg.clip > 0 else tx
@@ -114,13 +125,16 @@ def make_var_step(vqvae: VQVAE, var: VAR, tx: optax.GradientTransformation, labe
         grad_fn = jax.value_and_grad(var_loss, argnums=1, has_aux=True)
         (loss, (ce, correct)), grads = grad_fn(var, state['params'], batch['label'], x, targets, token_weights,
                                                label_smoothing=label_smoothing, train=True, rng=rng)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
+        # NaN pixels still give valid token ids; flag them like a NaN loss.
+        loss = jnp.where(jnp.all(jnp.isfinite(batch['image'])), loss, jnp.nan)
         ls, accs = _scale_means(ce, var.patch_nums), _scale_means(correct, var.patch_nums) * 100
+        new = _apply_update(state, grads, tx, loss, grad_norm)
         metrics = dict(loss=loss, Lm=ce.mean(), Lt=ls[-1], Accm=correct.mean() * 100, Acct=accs[-1],
-                       grad_norm=grad_norm, lr=_current_lr(state['opt_state']))
+                       grad_norm=grad_norm, lr=_current_lr(new['opt_state']))
         metrics.update({f'L_{pn}': l for pn, l in zip(var.patch_nums, ls)})
         metrics.update({f'acc_{pn}': a for pn, a in zip(var.patch_nums, accs)})
-        return _apply_update(state, grads, tx, loss, grad_norm), metrics
+        return new, metrics
     return step
 
 
@@ -139,13 +153,13 @@ def make_vae_step(vqvae: VQVAE, tx: optax.GradientTransformation, l1: float, l2:
             return l1 * l1_loss + l2 * l2_loss + vq_loss, (l1_loss, l2_loss, vq_loss, hits, f)
         (loss, (l1_loss, l2_loss, vq_loss, hits, f)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state['params'])
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
+        new = _apply_update(state, grads, tx, loss, grad_norm)
         metrics = dict(loss=loss, rec_l1=l1_loss, rec_l2=l2_loss, vq=vq_loss, grad_norm=grad_norm,
-                       lr=_current_lr(state['opt_state']))
+                       lr=_current_lr(new['opt_state']))
         # Share of the codebook each scale used in this batch, in percent.
         usage = jnp.mean(hits > 0, axis=-1) * 100
         metrics.update({f'usage_{pn}': u for pn, u in zip(vqvae.patch_nums, usage)})
-        new = _apply_update(state, grads, tx, loss, grad_norm)
         if restart_every > 0:
             new = _restart_dead_codes(new, state['code_hits'] + hits.sum(0), f, restart_every)
         return new, metrics
@@ -214,10 +228,13 @@ def progressive_token_weights(patch_nums, step: int, total_steps: int, warmup_st
         return pg0 + round(progress * (K - 1 - pg0))
 
     si = prog_si(step)
-    start = step
-    while start > 0 and prog_si(start - 1) == si:
-        start -= 1
-    ramp = 1.0 if si == pg0 else max(min((step - start + 1) / max(pgwp_steps, 1), 1.0), 0.01)
+    if si == K - 1:  # the last stage trains everything, as if not progressive
+        return w
+    lo, hi = 0, step  # prog_si is non-decreasing in the step: bisect for the stage's first step
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if prog_si(mid) < si else (lo, mid)
+    ramp = 1.0 if si == pg0 else max(min((step - lo + 1) / max(pgwp_steps, 1), 1.0), 0.01)
     w[be[si][1]:] = 0
     w[be[si][0]:be[si][1]] *= ramp
     return w
@@ -274,6 +291,8 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
             if done % config.log_every == 0 or done == total_steps or stop or done % config.save_every == 0:
                 if bool(jax.device_get(state['nonfinite'])):
                     ckpt.close()
+                    if writer:
+                        writer.close()
                     raise NonFiniteError(
                         f'[{stage}] a NaN/Inf loss or gradient appeared before step {done}; the update was '
                         f'skipped and the last good checkpoint (step {ckpt.latest_step()}) in {stage_dir} is '
@@ -447,7 +466,7 @@ def train_transformer(config, workdir: str, vae_params=None):
                          f'{var.num_classes}; set var.num_classes to at least that (or 0 to follow the data)')
     cfg = config.transformer
     mesh = _mesh(config)
-    tx = make_optimizer(cfg.optim, cfg.total_steps, cfg.batch_size)
+    tx = make_optimizer(cfg.optim, cfg.total_steps, cfg.batch_size, pg=cfg.pg)
     pre = _load_init_from(config)
     if pre is not None and 'var' in pre[1]:
         _check_same_model('var', pre[0]['var'], var)
