@@ -4,6 +4,7 @@ Models come from the run's export (workdir/export, written at the end of trainin
 run has none, from config.init_from (a converted official checkpoint). Settings are
 config.sample.* (`--config.sample.cfg=4 --config.sample.labels=1,2,3`).
 """
+import functools
 import math
 import os
 
@@ -41,12 +42,15 @@ def parse_labels(spec: str, num_images: int, num_classes: int) -> np.ndarray:
     return np.resize(np.asarray(values, np.int32), num_images)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _progression(vqvae: VQVAE, vae_params, idx):
+    m = vqvae.bind({'params': vae_params})
+    return jnp.stack([m.fhat_to_img(f) for f in m.quantize.idx_to_fhat(idx, cumulative=True)]) * 0.5 + 0.5
+
+
 def progression(vqvae: VQVAE, vae_params, idx):
     """Images decoded from f_hat after each scale: (num_scales, B, R, R, 3) in [0, 1]."""
-    def run(p, idx):
-        m = vqvae.bind({'params': p})
-        return jnp.stack([m.fhat_to_img(f) for f in m.quantize.idx_to_fhat(idx, cumulative=True)]) * 0.5 + 0.5
-    return jax.jit(run)(vae_params, idx)
+    return _progression(vqvae, vae_params, [jnp.asarray(i) for i in idx])
 
 
 def run(config, workdir: str):
