@@ -14,10 +14,10 @@ def get_config():
     c.vae.update(dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
                       patch_nums=(1, 2, 3, 4, 6, 8)))
     c.var.update(dict(num_classes=10, depth=4, embed_dim=256, num_heads=4, drop_path_rate=0.0))
-    c.tokenizer.update(dict(total_steps=600, batch_size=32, restart_every=25,
+    c.tokenizer.update(dict(total_steps=500, batch_size=32, restart_every=25,
                             optim=optim(3e-2, 50, wd=0.0, wpe=0.05)))
-    c.transformer.update(dict(total_steps=800, batch_size=32, optim=optim(2e-3, 50, wpe=0.1)))
-    c.log_every, c.save_every, c.sample_every = 50, 200, 200
+    c.transformer.update(dict(total_steps=600, batch_size=32, optim=optim(1e-2, 50, wpe=0.1)))
+    c.log_every, c.save_every, c.sample_every = 50, 250, 250
     c.keep_checkpoints = 2
     c.sample.update(dict(num_images=40, ncols=10, batch_size=40, cfg=3.0, top_k=20, top_p=0.9))
     return c

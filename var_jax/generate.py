@@ -32,9 +32,10 @@ def load_models(config, workdir: str):
 
 
 def parse_labels(spec: str, num_images: int, num_classes: int) -> np.ndarray:
-    """'' -> classes spread evenly over the images; '3' -> all 3; '1,2,3' -> cycled to num_images."""
+    """'' -> 0, 1, 2, ... cycled (a grid num_classes wide has one class per column); '3' -> all 3;
+    '1,2,3' -> cycled to num_images."""
     if not spec:
-        return (np.arange(num_images) * num_classes // max(num_images, 1)).astype(np.int32)
+        return (np.arange(num_images) % num_classes).astype(np.int32)
     try:
         values = [int(x) for x in str(spec).split(',') if x.strip()]
     except ValueError:
