@@ -1,7 +1,6 @@
 """Model behaviour beyond the golden fixture: quantizer training forward, init, NNX, bad input."""
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +9,6 @@ import pytest
 from var_jax import api
 from var_jax.models.quantizer import MultiScaleQuantizer, phi_index_per_scale
 from var_jax.models.var import VAR, block_causal_mask
-from var_jax.models.vqvae import VQVAE
 
 SMALL_VAE = dict(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 3, 4))
 SMALL_VAR = dict(depth=2, embed_dim=64, num_heads=4, num_classes=5)

@@ -1,15 +1,12 @@
 """The port against the official PyTorch outputs (tests/data/tiny_public.npz)."""
-import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from conftest import golden_state_dict, nchw
 from var_jax import convert
-from var_jax.models.vqvae import VQVAE
 
 ATOL = 1e-4
 

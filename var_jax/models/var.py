@@ -9,7 +9,7 @@ Sequences are (B, L, C); attention runs through `jax.nn.dot_product_attention` w
 explicit scale so XLA (or cuDNN on GPU) picks the kernel.
 """
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
