@@ -45,6 +45,8 @@ def base_config():
 
     c.tokenizer = ml_collections.ConfigDict(dict(
         total_steps=10000, batch_size=64, l1=0.2, l2=1.0, restart_every=100,   # dead-code restart (0: off)
+        # Optional PatchGAN (VQGAN) adversarial loss; disc_weight 0 = off (no discriminator at all).
+        disc_weight=0.0, disc_start=2000, disc_lr=1e-4, disc_ndf=64, disc_layers=3,
         optim=optim(1e-3, 500, wd=0.0, wpe=0.05)))
     c.transformer = ml_collections.ConfigDict(dict(
         total_steps=10000, batch_size=256, label_smoothing=0.0,

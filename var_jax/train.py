@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from flax import traverse_util
 from var_jax import api, sharding
 from var_jax.checkpoint import DEFAULT_RESUMABLE_KEYS, Checkpointer
 from var_jax.images import save_png
+from var_jax.models.discriminator import PatchDiscriminator
 from var_jax.models.var import VAR, begin_ends
 from var_jax.models.vqvae import VQVAE
 
@@ -138,13 +139,23 @@ def make_var_step(vqvae: VQVAE, var: VAR, tx: optax.GradientTransformation, labe
     return step
 
 
-def make_vae_step(vqvae: VQVAE, tx: optax.GradientTransformation, l1: float, l2: float, restart_every: int = 0):
+def make_vae_step(vqvae: VQVAE, tx: optax.GradientTransformation, l1: float, l2: float, restart_every: int = 0,
+                  disc: Optional[PatchDiscriminator] = None, disc_tx: Optional[optax.GradientTransformation] = None,
+                  disc_weight: float = 0.0, disc_start: int = 0):
     """Tokenizer step: L1 + L2 reconstruction + the quantizer's VQ loss, straight-through.
 
     With restart_every > 0, codes that no scale picked during the last restart_every steps are
     re-seeded with latent vectors of the current batch (dead-code restart; at step 0 this seeds
     the codebook from data). This counters the codebook collapse VQ training is prone to.
+
+    With disc_weight > 0 (and a `disc` / `disc_tx`), the VQGAN adversarial game is added (see
+    `_make_vae_gan_step`); the state must then hold 'disc_params' and 'disc_opt_state'.
     """
+    if disc_weight > 0:
+        if disc is None or disc_tx is None:
+            raise ValueError('disc_weight > 0 needs a discriminator and its optimizer')
+        return _make_vae_gan_step(vqvae, tx, l1, l2, restart_every, disc, disc_tx, disc_weight, disc_start)
+
     def step(state, batch):
         def loss_fn(params):
             rec, vq_loss, hits, f = vqvae.apply({'params': params}, batch['image'])
@@ -157,12 +168,118 @@ def make_vae_step(vqvae: VQVAE, tx: optax.GradientTransformation, l1: float, l2:
         new = _apply_update(state, grads, tx, loss, grad_norm)
         metrics = dict(loss=loss, rec_l1=l1_loss, rec_l2=l2_loss, vq=vq_loss, grad_norm=grad_norm,
                        lr=_current_lr(new['opt_state']))
-        # Share of the codebook each scale used in this batch, in percent.
-        usage = jnp.mean(hits > 0, axis=-1) * 100
-        metrics.update({f'usage_{pn}': u for pn, u in zip(vqvae.patch_nums, usage)})
-        if restart_every > 0:
-            new = _restart_dead_codes(new, state['code_hits'] + hits.sum(0), f, restart_every)
-        return new, metrics
+        return _finish_vae_step(state, new, metrics, hits, f, vqvae.patch_nums, restart_every)
+    return step
+
+
+def _finish_vae_step(state, new, metrics, hits, f, patch_nums, restart_every: int):
+    """Shared tail of both tokenizer steps: per-scale codebook usage and the dead-code restart."""
+    usage = jnp.mean(hits > 0, axis=-1) * 100  # share of the codebook each scale used in this batch, %
+    metrics.update({f'usage_{pn}': u for pn, u in zip(patch_nums, usage)})
+    if restart_every > 0:
+        new = _restart_dead_codes(new, state['code_hits'] + hits.sum(0), f, restart_every)
+    return new, metrics
+
+
+# --- adversarial tokenizer training (optional) -------------------------------------------------
+def hinge_d_loss(logits_real, logits_fake):
+    """Discriminator hinge loss: (mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))) / 2."""
+    return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
+
+
+def generator_adv_loss(logits_fake):
+    """Generator adversarial loss: -mean(D(fake))."""
+    return -jnp.mean(logits_fake)
+
+
+def last_layer(params):
+    """The decoder's last layer kernel, against which VQGAN balances the two losses."""
+    return params['decoder']['conv_out']['kernel']
+
+
+def adaptive_weight(nll_grad, g_grad, disc_weight: float):
+    """VQGAN's lambda = ||grad nll|| / (||grad g_loss|| + 1e-4), clipped to [0, 1e4], times disc_weight.
+
+    Both gradients are w.r.t. the last decoder layer; the result carries no gradient.
+    """
+    w = jnp.linalg.norm(nll_grad) / (jnp.linalg.norm(g_grad) + 1e-4)
+    return jax.lax.stop_gradient(jnp.clip(w, 0.0, 1e4) * disc_weight)
+
+
+def new_disc_state(disc: PatchDiscriminator, disc_tx: optax.GradientTransformation, image_size: int, seed: int):
+    """The discriminator's entries of the tokenizer train state: 'disc_params', 'disc_opt_state'."""
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 0xD15C)
+    params = disc.init(key, jnp.zeros((1, image_size, image_size, 3)))['params']
+    return dict(disc_params=params, disc_opt_state=disc_tx.init(params))
+
+
+def make_disc_optimizer(lr: float) -> optax.GradientTransformation:
+    """taming's discriminator optimizer: Adam (0.5, 0.9), constant lr, no weight decay."""
+    return optax.adam(lr, b1=0.5, b2=0.9)
+
+
+def _make_vae_gan_step(vqvae, tx, l1, l2, restart_every, disc, disc_tx, disc_weight, disc_start):
+    """VQGAN tokenizer step: rec + disc_factor * lambda * g_loss + vq, then a hinge discriminator step.
+
+    disc_factor is 1 from step disc_start on (state['step'] before this update), else 0: before
+    disc_start the generator gets exactly the plain reconstruction + VQ gradients and the
+    discriminator is left untouched. lambda is `adaptive_weight` of the gradients of the
+    reconstruction (nll) and adversarial terms w.r.t. the decoder's conv_out kernel. The model's
+    forward is linearized once (jax.vjp); the two kernel gradients are pullbacks of the two
+    terms' cotangents through it (XLA drops the parts of those pullbacks that do not reach the
+    kernel). The generator is updated with the current discriminator; the discriminator then
+    learns real images vs the stop_gradient reconstructions of the same forward pass.
+    """
+    def rec_terms(rec, image, disc_params):
+        err = rec - image
+        l1_loss, l2_loss = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
+        logits_fake = disc.apply({'params': disc_params}, rec)
+        return l1 * l1_loss + l2 * l2_loss, generator_adv_loss(logits_fake), (l1_loss, l2_loss)
+
+    def step(state, batch):
+        image = batch['image']
+        params, disc_params = state['params'], state['disc_params']
+
+        def forward(p):
+            rec, vq_loss, hits, f = vqvae.apply({'params': p}, image)
+            return (rec, vq_loss), (hits, f)
+        (rec, vq_loss), pullback, (hits, f) = jax.vjp(forward, params, has_aux=True)
+        nll_fn = lambda r: rec_terms(r, image, disc_params)[0]
+        g_fn = lambda r: rec_terms(r, image, disc_params)[1]
+        nll, d_nll = jax.value_and_grad(nll_fn)(rec)
+        g_loss, d_g = jax.value_and_grad(g_fn)(rec)
+        _, _, (l1_loss, l2_loss) = rec_terms(rec, image, disc_params)
+        zero = jnp.zeros_like(vq_loss)
+        nll_grad = last_layer(pullback((d_nll, zero))[0])
+        g_grad = last_layer(pullback((d_g, zero))[0])
+        active = state['step'] >= disc_start
+        w = jnp.where(active, adaptive_weight(nll_grad, g_grad, disc_weight), 0.0)
+        loss = nll + w * g_loss + vq_loss
+        grads = pullback((d_nll + w * d_g, jnp.ones_like(vq_loss)))[0]
+        grad_norm = optax.tree.norm(grads)
+        new = _apply_update(state, grads, tx, loss, grad_norm)
+
+        # Discriminator: real vs the (fixed) reconstructions of this step.
+        fake = jax.lax.stop_gradient(rec)
+
+        def d_loss_fn(dp):
+            logits_real = disc.apply({'params': dp}, image)
+            logits_fake = disc.apply({'params': dp}, fake)
+            return hinge_d_loss(logits_real, logits_fake), (jnp.mean(logits_real), jnp.mean(logits_fake))
+        (d_loss, (logits_real, logits_fake)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(disc_params)
+        d_updates, d_opt_state = disc_tx.update(d_grads, state['disc_opt_state'], disc_params)
+        d_params = optax.apply_updates(disc_params, d_updates)
+        d_ok = jnp.isfinite(d_loss) & jnp.isfinite(optax.tree.norm(d_grads))
+        take = active & d_ok
+        keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(take, a, b), n, o)
+        new = dict(new, disc_params=keep(d_params, disc_params),
+                   disc_opt_state=keep(d_opt_state, state['disc_opt_state']),
+                   nonfinite=new['nonfinite'] | (active & ~d_ok))
+
+        metrics = dict(loss=loss, rec_l1=l1_loss, rec_l2=l2_loss, vq=vq_loss, grad_norm=grad_norm,
+                       lr=_current_lr(new['opt_state']), g_loss=g_loss, d_loss=d_loss,
+                       disc_weight_adaptive=w, logits_real=logits_real, logits_fake=logits_fake)
+        return _finish_vae_step(state, new, metrics, hits, f, vqvae.patch_nums, restart_every)
     return step
 
 
@@ -242,7 +359,8 @@ def progressive_token_weights(patch_nums, step: int, total_steps: int, warmup_st
 
 # --- the loop ----------------------------------------------------------------------------------
 def _log_line(stage, step, total, metrics, img_per_s, eta_s):
-    keys = [k for k in ('loss', 'Lm', 'Lt', 'Accm', 'Acct', 'rec_l1', 'vq', 'grad_norm', 'lr') if k in metrics]
+    keys = [k for k in ('loss', 'Lm', 'Lt', 'Accm', 'Acct', 'rec_l1', 'vq', 'g_loss', 'd_loss', 'grad_norm', 'lr')
+            if k in metrics]
     vals = ' '.join(f'{k} {metrics[k]:.4g}' for k in keys)
     return f'[{stage}] step {step}/{total} {vals} | {img_per_s:.1f} img/s | ETA {eta_s / 60:.1f} min'
 
@@ -305,8 +423,7 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
                 img_s = (done - step_last) * batch_size / max(now - t_last, 1e-9)
                 eta = (total_steps - done) * (now - t_last) / max(done - step_last, 1)
                 t_last, step_last = now, done
-                logging.info(_log_line(stage, done, total_steps, mean, img_s, eta))
-                print(_log_line(stage, done, total_steps, mean, img_s, eta), flush=True)
+                print(_log_line(stage, done, total_steps, mean, img_s, eta), flush=True)  # the progress line
                 if writer:
                     for k, v in mean.items():
                         writer.scalar(f'{stage}/{k}', v, done)
@@ -404,8 +521,15 @@ def train_tokenizer(config, workdir: str):
     mesh = _mesh(config)
     tx = make_optimizer(cfg.optim, cfg.total_steps, cfg.batch_size)
     R = vqvae.image_size
+    extra = dict(code_hits=jnp.zeros((vqvae.vocab_size,), jnp.int32))
+    disc_kw = {}
+    if cfg.disc_weight > 0:
+        disc = PatchDiscriminator(ndf=cfg.disc_ndf, n_layers=cfg.disc_layers)
+        disc_tx = make_disc_optimizer(cfg.disc_lr)
+        extra.update(new_disc_state(disc, disc_tx, R, config.seed))
+        disc_kw = dict(disc=disc, disc_tx=disc_tx, disc_weight=cfg.disc_weight, disc_start=cfg.disc_start)
     state, shardings = _init_state(mesh, tx, config.seed, lambda k: vqvae.init(k, jnp.zeros((1, R, R, 3)))['params'],
-                                   extra=dict(code_hits=jnp.zeros((vqvae.vocab_size,), jnp.int32)))
+                                   extra=extra)
     recon = jax.jit(lambda p, img: vqvae.apply({'params': p}, img)[0])
     first = _fixed_images(config, 16)
 
@@ -416,7 +540,8 @@ def train_tokenizer(config, workdir: str):
             save_png(path, np.concatenate([first, np.asarray(rec)]) * 0.5 + 0.5, ncols=16)
 
     state = fit('tokenizer', workdir, config, state=state, state_shardings=shardings, mesh=mesh,
-                step_fn=make_vae_step(vqvae, tx, cfg.l1, cfg.l2, cfg.restart_every), step_args=(),
+                step_fn=make_vae_step(vqvae, tx, cfg.l1, cfg.l2, cfg.restart_every, **disc_kw),
+                step_args=(),
                 total_steps=cfg.total_steps,
                 batch_size=cfg.batch_size, on_sample=on_sample)
     params = jax.device_get(state['params'])
