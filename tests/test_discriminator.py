@@ -125,3 +125,8 @@ def test_before_disc_start_the_generator_step_is_the_plain_one(setup, plain):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new['params'], ref['params'])
     jax.tree.map(np.testing.assert_array_equal, new['disc_params'], state['disc_params'])
     jax.tree.map(np.testing.assert_array_equal, new['disc_opt_state'], state['disc_opt_state'])
+
+
+def test_too_deep_for_the_image_size_is_named():
+    with pytest.raises(ValueError, match=r'8 px images are too small.*disc_layers to at most 1'):
+        PatchDiscriminator(ndf=8, n_layers=3).init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))

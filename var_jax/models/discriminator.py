@@ -24,6 +24,13 @@ import jax.numpy as jnp
 _conv_init = nn.initializers.normal(0.02)   # taming's weights_init: N(0, 0.02) conv weights
 
 
+def _patch_side(side: int, n_layers: int) -> int:
+    """Side of the logit grid for `side`-pixel inputs."""
+    for _ in range(n_layers):
+        side = (side - 2) // 2 + 1
+    return side - 2
+
+
 def _norm(channels: int, name: str):
     return nn.GroupNorm(num_groups=math.gcd(32, channels), epsilon=1e-5, name=name)
 
@@ -37,6 +44,11 @@ class PatchDiscriminator(nn.Module):
     def __call__(self, x):
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f'PatchDiscriminator takes NHWC RGB images, got shape {x.shape}')
+        side = min(x.shape[1], x.shape[2])
+        if _patch_side(side, self.n_layers) < 1:
+            fits = [n for n in range(1, self.n_layers) if _patch_side(side, n) >= 1]
+            raise ValueError(f'{side} px images are too small for a discriminator with n_layers={self.n_layers}; '
+                             f'set tokenizer.disc_layers to at most {max(fits, default=0)}')
         conv = lambda c, stride, name, bias=True: nn.Conv(
             c, (4, 4), strides=stride, padding=1, use_bias=bias, kernel_init=_conv_init, name=name)
         h = nn.leaky_relu(conv(self.ndf, 2, 'conv_0')(x), 0.2)
