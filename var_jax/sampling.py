@@ -31,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from var_jax import api
+
 _TRACES = [0]  # incremented each time the scale loop is traced; tests use it to catch retraces.
 
 
@@ -149,10 +151,6 @@ def _compiled_loop(vqvae, var, top_k: int, use_top_p: bool, more_smooth: bool, r
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_encoder(vqvae):
-    return jax.jit(lambda p, img: vqvae.apply({'params': p}, img, method=type(vqvae).img_to_idx))
-
-
 # ------------------------------------------------------------------------------------------------
 # Validation (outside jit, so errors are plain Python exceptions with readable messages)
 # ------------------------------------------------------------------------------------------------
@@ -327,13 +325,10 @@ def edit(vqvae, vae_params, var, var_params, image, mask, labels=None, key=0, *,
     R = vqvae.image_size
     if getattr(image, 'ndim', None) != 4 or tuple(image.shape[1:]) != (R, R, 3):
         raise ValueError(f'image must be (B, {R}, {R}, 3) NHWC in [-1, 1], got {np.shape(image)}')
-    lo, hi = float(jnp.min(image)), float(jnp.max(image))
-    if lo < -1.001 or hi > 1.001:
-        raise ValueError(f'image values must be in [-1, 1] (x / 127.5 - 1 for uint8), got {lo:.3g}..{hi:.3g}')
     B = image.shape[0]
     keep = scale_keep_masks(mask, var.patch_nums, B, R)
     labels = _labels_array(var, var.num_classes if labels is None else labels, B, allow_null=True)
-    src_idx = _compiled_encoder(vqvae)(vae_params, jnp.asarray(image, jnp.float32))
+    src_idx = api.encode(vqvae, vae_params, image)  # also checks the [-1, 1] range
     res = _compiled_loop(vqvae, var, int(top_k), bool(top_p > 0), bool(more_smooth), bool(return_logits))(
         vae_params, var_params, labels, _as_key(key), jnp.float32(cfg), jnp.float32(top_p),
         jnp.float32(temperature), src_idx, keep)
