@@ -567,9 +567,9 @@ def _model_cfg(model) -> dict:
     return out
 
 
-def _tokenizer_params(config, workdir):
+def _tokenizer_params(pre, workdir):
+    """The frozen tokenizer: from init_from's checkpoint (`pre`) if it holds one, else stage 1's export."""
     from var_jax import convert
-    pre = _load_init_from(config)
     if pre is not None and 'vae' in pre[1]:
         return pre[1]['vae']
     path = os.path.join(workdir, 'tokenizer', 'export')
@@ -584,7 +584,8 @@ def train_transformer(config, workdir: str, vae_params=None):
     """Stage 2: trains the VAR on the frozen tokenizer's tokens; exports both models."""
     from var_jax import convert
     vqvae, var = build_from_config(config)
-    vae_params = _tokenizer_params(config, workdir) if vae_params is None else vae_params
+    pre = _load_init_from(config)
+    vae_params = _tokenizer_params(pre, workdir) if vae_params is None else vae_params
     from var_jax import input_pipeline
     if input_pipeline.num_classes(config.data) > var.num_classes:
         raise ValueError(f'the dataset has {input_pipeline.num_classes(config.data)} classes but var.num_classes='
@@ -592,7 +593,6 @@ def train_transformer(config, workdir: str, vae_params=None):
     cfg = config.transformer
     mesh = _mesh(config)
     tx = make_optimizer(cfg.optim, cfg.total_steps, cfg.batch_size, pg=cfg.pg)
-    pre = _load_init_from(config)
     if pre is not None and 'var' in pre[1]:
         _check_same_model('var', pre[0]['var'], var)
         state, shardings = _init_state(mesh, tx, config.seed, params=pre[1]['var'])
@@ -606,15 +606,17 @@ def train_transformer(config, workdir: str, vae_params=None):
                                 warmup_steps=cfg.optim.warmup_steps, pg=cfg.pg, pg0=cfg.pg0,
                                 pgwp_steps=cfg.pgwp_steps)
 
+    if not cfg.pg:  # constant weights: one device array, no per-step host work
+        uniform = jnp.asarray(weights(0))
+        weights = lambda step: uniform
+
     def on_sample(params, step):
-        try:
-            from var_jax import sampling
-        except ImportError:
-            return
+        from var_jax import sampling
         from var_jax.generate import parse_labels
-        labels = parse_labels(config.sample.labels, config.sample.num_images, var.num_classes)
-        out = sampling.sample(vqvae, vae_params, var, params, labels, jax.random.PRNGKey(config.sample.seed),
-                              cfg=config.sample.cfg, top_k=config.sample.top_k, top_p=config.sample.top_p)
+        s = config.sample
+        labels = parse_labels(s.labels, s.num_images, var.num_classes)
+        out = sampling.sample(vqvae, vae_params, var, params, labels, jax.random.PRNGKey(s.seed), cfg=s.cfg,
+                              top_k=s.top_k, top_p=s.top_p, temperature=s.temperature, more_smooth=s.more_smooth)
         if jax.process_index() == 0:
             save_png(os.path.join(workdir, 'transformer', 'samples', f'samples_{step:07d}.png'),
                      np.asarray(out['images']), ncols=config.sample.ncols)
@@ -622,7 +624,7 @@ def train_transformer(config, workdir: str, vae_params=None):
     state = fit('transformer', workdir, config, state=state, state_shardings=shardings, mesh=mesh,
                 step_fn=make_var_step(vqvae, var, tx, cfg.label_smoothing), step_args=(vae_params,),
                 total_steps=cfg.total_steps, batch_size=cfg.batch_size, on_sample=on_sample,
-                token_weights_fn=lambda s: weights(s))
+                token_weights_fn=weights)
     params = jax.device_get(state['params'])
     if jax.process_index() == 0:
         convert.save_pretrained(export_dir(workdir), _model_cfg(vqvae), jax.device_get(vae_params),
