@@ -47,6 +47,9 @@ def base_config():
         total_steps=10000, batch_size=64, l1=0.2, l2=1.0, restart_every=100,   # dead-code restart (0: off)
         # Optional PatchGAN (VQGAN) adversarial loss; disc_weight 0 = off (no discriminator at all).
         disc_weight=0.0, disc_start=2000, disc_lr=1e-4, disc_ndf=64, disc_layers=3,
+        # Optional LPIPS-VGG perceptual loss; perceptual_weight 0 = off (no VGG at all). The weights: a .npz of
+        # `python -m var_jax.models.lpips` or a directory with vgg16-397923af.pth and vgg.pth (README, Train).
+        perceptual_weight=0.0, perceptual_weights_path='',
         optim=optim(1e-3, 500, wd=0.0, wpe=0.05)))
     c.transformer = ml_collections.ConfigDict(dict(
         total_steps=10000, batch_size=256, label_smoothing=0.0,

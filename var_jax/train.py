@@ -26,6 +26,7 @@ from flax import traverse_util
 from var_jax import api, sharding
 from var_jax.checkpoint import DEFAULT_RESUMABLE_KEYS, Checkpointer
 from var_jax.images import save_png
+from var_jax.models import lpips
 from var_jax.models.discriminator import PatchDiscriminator
 from var_jax.models.var import VAR, begin_ends
 from var_jax.models.vqvae import VQVAE
@@ -141,7 +142,8 @@ def make_var_step(vqvae: VQVAE, var: VAR, tx: optax.GradientTransformation, labe
 
 def make_vae_step(vqvae: VQVAE, tx: optax.GradientTransformation, l1: float, l2: float, restart_every: int = 0,
                   disc: Optional[PatchDiscriminator] = None, disc_tx: Optional[optax.GradientTransformation] = None,
-                  disc_weight: float = 0.0, disc_start: int = 0):
+                  disc_weight: float = 0.0, disc_start: int = 0, perceptual: lpips.LPIPS | None = None,
+                  perceptual_weight: float = 0.0):
     """Tokenizer step: L1 + L2 reconstruction + the quantizer's VQ loss, straight-through.
 
     With restart_every > 0, codes that no scale picked during the last restart_every steps are
@@ -150,26 +152,47 @@ def make_vae_step(vqvae: VQVAE, tx: optax.GradientTransformation, l1: float, l2:
 
     With disc_weight > 0 (and a `disc` / `disc_tx`), the VQGAN adversarial game is added (see
     `_make_vae_gan_step`); the state must then hold 'disc_params' and 'disc_opt_state'.
+
+    With perceptual_weight > 0 (and an LPIPS module `perceptual`), perceptual_weight * mean
+    LPIPS(reconstruction, image) joins the reconstruction loss and the step takes the frozen
+    LPIPS params as an argument: `step(state, lpips_params, batch)`; otherwise `step(state, batch)`.
     """
+    if perceptual_weight > 0 and perceptual is None:
+        raise ValueError('perceptual_weight > 0 needs an LPIPS module')
+    rec_loss = functools.partial(_reconstruction_loss, l1=l1, l2=l2, perceptual=perceptual,
+                                 perceptual_weight=perceptual_weight)
     if disc_weight > 0:
         if disc is None or disc_tx is None:
             raise ValueError('disc_weight > 0 needs a discriminator and its optimizer')
-        return _make_vae_gan_step(vqvae, tx, l1, l2, restart_every, disc, disc_tx, disc_weight, disc_start)
+        vae_step = _make_vae_gan_step(vqvae, tx, rec_loss, restart_every, disc, disc_tx, disc_weight, disc_start)
+    else:
+        def vae_step(state, lpips_params, batch):
+            def loss_fn(params):
+                rec, vq_loss, hits, f = vqvae.apply({'params': params}, batch['image'])
+                nll, terms = rec_loss(rec, batch['image'], lpips_params)
+                return nll + vq_loss, (terms, vq_loss, hits, f)
+            (loss, (terms, vq_loss, hits, f)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
+            grad_norm = optax.tree.norm(grads)
+            new = _apply_update(state, grads, tx, loss, grad_norm)
+            metrics = dict(loss=loss, **terms, vq=vq_loss, grad_norm=grad_norm, lr=_current_lr(new['opt_state']))
+            return _finish_vae_step(state, new, metrics, hits, f, vqvae.patch_nums, restart_every)
+    if perceptual_weight > 0:
+        return vae_step
 
     def step(state, batch):
-        def loss_fn(params):
-            rec, vq_loss, hits, f = vqvae.apply({'params': params}, batch['image'])
-            err = rec - batch['image']
-            l1_loss, l2_loss = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
-            return l1 * l1_loss + l2 * l2_loss + vq_loss, (l1_loss, l2_loss, vq_loss, hits, f)
-        (loss, (l1_loss, l2_loss, vq_loss, hits, f)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state['params'])
-        grad_norm = optax.tree.norm(grads)
-        new = _apply_update(state, grads, tx, loss, grad_norm)
-        metrics = dict(loss=loss, rec_l1=l1_loss, rec_l2=l2_loss, vq=vq_loss, grad_norm=grad_norm,
-                       lr=_current_lr(new['opt_state']))
-        return _finish_vae_step(state, new, metrics, hits, f, vqvae.patch_nums, restart_every)
+        return vae_step(state, None, batch)
     return step
+
+
+def _reconstruction_loss(rec, image, lpips_params, *, l1, l2, perceptual, perceptual_weight):
+    """l1 * L1 + l2 * L2 (+ perceptual_weight * mean LPIPS when perceptual_weight > 0) and its terms."""
+    err = rec - image
+    l1_loss, l2_loss = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
+    nll, terms = l1 * l1_loss + l2 * l2_loss, dict(rec_l1=l1_loss, rec_l2=l2_loss)
+    if perceptual_weight > 0:
+        terms['perceptual'] = jnp.mean(perceptual.apply({'params': lpips_params}, rec, image))
+        nll = nll + perceptual_weight * terms['perceptual']
+    return nll, terms
 
 
 def _finish_vae_step(state, new, metrics, hits, f, patch_nums, restart_every: int):
@@ -218,8 +241,10 @@ def make_disc_optimizer(lr: float) -> optax.GradientTransformation:
     return optax.adam(lr, b1=0.5, b2=0.9)
 
 
-def _make_vae_gan_step(vqvae, tx, l1, l2, restart_every, disc, disc_tx, disc_weight, disc_start):
+def _make_vae_gan_step(vqvae, tx, rec_loss, restart_every, disc, disc_tx, disc_weight, disc_start):
     """VQGAN tokenizer step: rec + disc_factor * lambda * g_loss + vq, then a hinge discriminator step.
+
+    rec (VQGAN's nll) is `rec_loss`: L1 + L2 and, when on, the perceptual term.
 
     disc_factor is 1 from step disc_start on (state['step'] before this update), else 0: before
     disc_start the generator gets exactly the plain reconstruction + VQ gradients and the
@@ -230,13 +255,7 @@ def _make_vae_gan_step(vqvae, tx, l1, l2, restart_every, disc, disc_tx, disc_wei
     kernel). The generator is updated with the current discriminator; the discriminator then
     learns real images vs the stop_gradient reconstructions of the same forward pass.
     """
-    def rec_terms(rec, image, disc_params):
-        err = rec - image
-        l1_loss, l2_loss = jnp.mean(jnp.abs(err)), jnp.mean(jnp.square(err))
-        logits_fake = disc.apply({'params': disc_params}, rec)
-        return l1 * l1_loss + l2 * l2_loss, generator_adv_loss(logits_fake), (l1_loss, l2_loss)
-
-    def step(state, batch):
+    def step(state, lpips_params, batch):
         image = batch['image']
         params, disc_params = state['params'], state['disc_params']
 
@@ -244,11 +263,9 @@ def _make_vae_gan_step(vqvae, tx, l1, l2, restart_every, disc, disc_tx, disc_wei
             rec, vq_loss, hits, f = vqvae.apply({'params': p}, image)
             return (rec, vq_loss), (hits, f)
         (rec, vq_loss), pullback, (hits, f) = jax.vjp(forward, params, has_aux=True)
-        nll_fn = lambda r: rec_terms(r, image, disc_params)[0]
-        g_fn = lambda r: rec_terms(r, image, disc_params)[1]
-        nll, d_nll = jax.value_and_grad(nll_fn)(rec)
+        (nll, terms), d_nll = jax.value_and_grad(rec_loss, has_aux=True)(rec, image, lpips_params)
+        g_fn = lambda r: generator_adv_loss(disc.apply({'params': disc_params}, r))
         g_loss, d_g = jax.value_and_grad(g_fn)(rec)
-        _, _, (l1_loss, l2_loss) = rec_terms(rec, image, disc_params)
         zero = jnp.zeros_like(vq_loss)
         nll_grad = last_layer(pullback((d_nll, zero))[0])
         g_grad = last_layer(pullback((d_g, zero))[0])
@@ -276,7 +293,7 @@ def _make_vae_gan_step(vqvae, tx, l1, l2, restart_every, disc, disc_tx, disc_wei
                    disc_opt_state=keep(d_opt_state, state['disc_opt_state']),
                    nonfinite=new['nonfinite'] | (active & ~d_ok))
 
-        metrics = dict(loss=loss, rec_l1=l1_loss, rec_l2=l2_loss, vq=vq_loss, grad_norm=grad_norm,
+        metrics = dict(loss=loss, **terms, vq=vq_loss, grad_norm=grad_norm,
                        lr=_current_lr(new['opt_state']), g_loss=g_loss, d_loss=d_loss,
                        disc_weight_adaptive=w, logits_real=logits_real, logits_fake=logits_fake)
         return _finish_vae_step(state, new, metrics, hits, f, vqvae.patch_nums, restart_every)
@@ -359,7 +376,8 @@ def progressive_token_weights(patch_nums, step: int, total_steps: int, warmup_st
 
 # --- the loop ----------------------------------------------------------------------------------
 def _log_line(stage, step, total, metrics, img_per_s, eta_s):
-    keys = [k for k in ('loss', 'Lm', 'Lt', 'Accm', 'Acct', 'rec_l1', 'vq', 'g_loss', 'd_loss', 'grad_norm', 'lr')
+    keys = [k for k in ('loss', 'Lm', 'Lt', 'Accm', 'Acct', 'rec_l1', 'perceptual', 'vq', 'g_loss', 'd_loss',
+                        'grad_norm', 'lr')
             if k in metrics]
     vals = ' '.join(f'{k} {metrics[k]:.4g}' for k in keys)
     return f'[{stage}] step {step}/{total} {vals} | {img_per_s:.1f} img/s | ETA {eta_s / 60:.1f} min'
@@ -446,7 +464,7 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
 
 # --- the two stages ----------------------------------------------------------------------------
 RESUMABLE_KEYS = ('*total_steps', '*log_every*', '*sample_every*', '*save_every*', '*keep_checkpoints*',
-                  'sample', 'sample.*', 'mesh', 'mesh.*', 'distributed', 'stages')
+                  'sample', 'sample.*', 'mesh', 'mesh.*', 'distributed', 'stages', '*perceptual_weights_path')
 
 
 def build_from_config(config):
@@ -522,12 +540,19 @@ def train_tokenizer(config, workdir: str):
     tx = make_optimizer(cfg.optim, cfg.total_steps, cfg.batch_size)
     R = vqvae.image_size
     extra = dict(code_hits=jnp.zeros((vqvae.vocab_size,), jnp.int32))
-    disc_kw = {}
+    step_kw = {}
     if cfg.disc_weight > 0:
         disc = PatchDiscriminator(ndf=cfg.disc_ndf, n_layers=cfg.disc_layers)
         disc_tx = make_disc_optimizer(cfg.disc_lr)
         extra.update(new_disc_state(disc, disc_tx, R, config.seed))
-        disc_kw = dict(disc=disc, disc_tx=disc_tx, disc_weight=cfg.disc_weight, disc_start=cfg.disc_start)
+        step_kw = dict(disc=disc, disc_tx=disc_tx, disc_weight=cfg.disc_weight, disc_start=cfg.disc_start)
+    frozen = ()  # step arguments that are not trained: the LPIPS params
+    if cfg.perceptual_weight > 0:
+        if not cfg.perceptual_weights_path:
+            raise ValueError(f'tokenizer.perceptual_weight={cfg.perceptual_weight} needs '
+                             f'tokenizer.perceptual_weights_path. {lpips.WHERE_TO_GET}')
+        frozen = (jax.device_put(lpips.load_lpips_params(cfg.perceptual_weights_path), sharding.replicated(mesh)),)
+        step_kw.update(perceptual=lpips.LPIPS(), perceptual_weight=cfg.perceptual_weight)
     state, shardings = _init_state(mesh, tx, config.seed, lambda k: vqvae.init(k, jnp.zeros((1, R, R, 3)))['params'],
                                    extra=extra)
     recon = jax.jit(lambda p, img: vqvae.apply({'params': p}, img)[0])
@@ -540,8 +565,8 @@ def train_tokenizer(config, workdir: str):
             save_png(path, np.concatenate([first, np.asarray(rec)]) * 0.5 + 0.5, ncols=16)
 
     state = fit('tokenizer', workdir, config, state=state, state_shardings=shardings, mesh=mesh,
-                step_fn=make_vae_step(vqvae, tx, cfg.l1, cfg.l2, cfg.restart_every, **disc_kw),
-                step_args=(),
+                step_fn=make_vae_step(vqvae, tx, cfg.l1, cfg.l2, cfg.restart_every, **step_kw),
+                step_args=frozen,
                 total_steps=cfg.total_steps,
                 batch_size=cfg.batch_size, on_sample=on_sample)
     params = jax.device_get(state['params'])
