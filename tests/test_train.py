@@ -4,8 +4,10 @@ The expensive parts run as subprocesses in the background while the cheap in-pro
 
 * tests/train_worker.py `sharded` (4 simulated CPU devices): make_var_step on 1 device, 4-way data
   parallel and FSDP 2 / 4, the non-finite guard, and a 4-device checkpoint for a 1-device restore.
-* the kill-and-resume chain: `main.py` run A to the end; run B in another workdir paused right
-  after a transformer checkpoint, SIGKILLed, then the same main.py command again to completion.
+* the kill-and-resume chains: `main.py` run A to the end; run B in another workdir paused right
+  after a checkpoint, SIGKILLed, then the same main.py command again to completion. Two variants
+  (RESUME_RUNS), one after the other: both stages killed in the transformer stage, and a
+  tokenizer-only run with the discriminator on, killed in the tokenizer stage.
 
 Only the jobs that the selected tests need are started. The subprocesses share a persistent JAX
 compilation cache (in pytest's cache dir), so run B reuses run A's executables: the comparison of
@@ -46,7 +48,15 @@ TINY = {
     'save_every': 4, 'log_every': 4, 'sample_every': 1000,
     'sample.num_images': 4, 'sample.ncols': 4, 'sample.batch_size': 4,
 }
-PAUSE_AT = 6  # run B is killed after transformer step 6: checkpoint 4 is on disk, steps 5-6 are lost
+PAUSE_AT = 6  # run B is killed after step 6 of a stage: checkpoint 4 is on disk, steps 5-6 are lost
+# Kill-and-resume variants: the stage whose step PAUSE_AT the kill lands after, config overrides on TINY.
+RESUME_RUNS = {
+    'two_stages': ('transformer', {}),
+    # The discriminator trains from step 3 (disc_start 2), so its params and Adam state at the
+    # checkpoint the resume starts from (4) are not the initial ones.
+    'gan_tokenizer': ('tokenizer', {'stages': 'tokenizer', 'tokenizer.disc_weight': 0.5, 'tokenizer.disc_start': 2,
+                                    'tokenizer.disc_layers': 1, 'tokenizer.disc_ndf': 8}),
+}
 
 
 def _cli(value):
@@ -121,9 +131,7 @@ class _Background:
 
     def __init__(self, base, cache_dir):
         self.base, self.cache_dir = base, cache_dir
-        self.procs, self.sharded_proc, self.chain = [], None, None
-        self.a_done, self.b_done = threading.Event(), threading.Event()
-        self.chain_error = None
+        self.procs, self.sharded_proc, self.chain, self.runs = [], None, None, {}
         self.lock, self.closing = threading.Lock(), False
 
     def _start(self, args, log, env):
@@ -146,45 +154,52 @@ class _Background:
             return json.load(f), out
 
     # -- kill and resume -------------------------------------------------------------------------
-    def start_resume_chain(self, with_b):
+    def start_resume_chain(self, variants):
+        """variants: {RESUME_RUNS name: also run B}; run one after another in one thread (the first
+        run A also generates the synthetic dataset the others read)."""
         self.data_dir = os.path.join(self.base, 'data')
-        self.workdirs = {name: os.path.join(self.base, name) for name in ('A', 'B')}
-        self.chain = threading.Thread(target=self._chain, args=(with_b,), daemon=True)
+        self.runs = {v: _ResumeRuns(self.base, v) for v in RESUME_RUNS if v in variants}
+
+        def chains():
+            for v, runs in self.runs.items():
+                self._chain(runs, with_b=variants[v])
+        self.chain = threading.Thread(target=chains, daemon=True)
         self.chain.start()
 
-    def _main(self, name, log, *, paused=False):
-        flags = main_flags(self.workdirs[name], self.data_dir)
-        args = ([os.path.join(REPO, 'tests', 'train_worker.py'), 'main_paused', str(PAUSE_AT)] if paused
+    def _main(self, runs, name, *, paused=False):
+        """Run `name` (A, B1 or B2) of `runs` in its workdir (A or B)."""
+        flags = main_flags(runs.workdirs[name[0]], self.data_dir, **runs.overrides)
+        args = ([os.path.join(REPO, 'tests', 'train_worker.py'), 'main_paused', runs.stage, str(PAUSE_AT)] if paused
                 else [os.path.join(REPO, 'main.py')])
-        return self._start([sys.executable] + args + flags, log, _env(self.cache_dir))
+        return self._start([sys.executable] + args + flags, runs.log(name), _env(self.cache_dir))
 
-    def _chain(self, with_b):
+    def _chain(self, runs, with_b):
         try:
-            self._main('A', 'A.log').check()  # also generates the synthetic dataset for B
-            self.a_done.set()
+            self._main(runs, 'A').check()
+            runs.a_done.set()
             if not with_b:
                 return
-            b1 = self._main('B', 'B1.log', paused=True)
-            marker = os.path.join(self.workdirs['B'], 'transformer', 'checkpoints', '4', 'commit_success.txt')
+            b1 = self._main(runs, 'B1', paused=True)
+            marker = os.path.join(runs.workdirs['B'], runs.stage, 'checkpoints', '4', 'commit_success.txt')
             deadline = time.time() + TIMEOUT_S
             while not (os.path.exists(marker) and f'PAUSED at step {PAUSE_AT}' in _tail(b1.log, 10 ** 7)):
                 assert b1.p.poll() is None, f'run B exited before the kill:\n{_tail(b1.log)}'
                 assert time.time() < deadline, f'run B never paused:\n{_tail(b1.log)}'
                 time.sleep(0.1)
             b1.kill()
-            self.b1_returncode = b1.p.returncode
-            self._main('B', 'B2.log').check()
+            runs.b1_returncode = b1.p.returncode
+            self._main(runs, 'B2').check()
         except BaseException as e:  # reported by the tests that wait on the chain
-            self.chain_error = e
+            runs.error = e
         finally:
-            self.a_done.set()
-            self.b_done.set()
+            runs.a_done.set()
+            runs.b_done.set()
 
-    def wait(self, event):
-        assert event.wait(2 * TIMEOUT_S), 'background runs timed out'
-        if self.chain_error is not None and (event is self.b_done or not os.path.isdir(
-                os.path.join(self.workdirs['A'], 'export'))):
-            raise AssertionError(f'background runs failed: {self.chain_error}')
+    def wait(self, runs, event):
+        assert event.wait(2 * TIMEOUT_S * len(self.runs)), 'background runs timed out'
+        if runs.error is not None and (event is runs.b_done or not os.path.isdir(
+                os.path.join(runs.workdirs['A'], 'export'))):
+            raise AssertionError(f'background runs {runs.variant} failed: {runs.error}')
 
     def close(self):
         with self.lock:
@@ -195,10 +210,40 @@ class _Background:
             self.chain.join(60)
 
 
+class _ResumeRuns:
+    """One RESUME_RUNS variant: workdirs A and B (B1 killed, B2 resumed), logs, completion events."""
+
+    def __init__(self, base, variant):
+        self.variant, self.base = variant, base
+        self.stage, self.overrides = RESUME_RUNS[variant]
+        self.stages = self.overrides.get('stages', 'tokenizer,transformer').split(',')  # var_small's default
+        self.workdirs = {name: os.path.join(base, f'{variant}_{name}') for name in ('A', 'B')}
+        self.a_done, self.b_done = threading.Event(), threading.Event()
+        self.error = self.b1_returncode = None
+
+    def log(self, run):
+        return f'{self.variant}_{run}.log'
+
+
+def _selected(request):
+    """The selected tests of this module."""
+    return [item for item in request.session.items if getattr(item, 'module', None) is request.module]
+
+
 def _needs(request):
     """Fixture names used by the selected tests of this module."""
-    return {name for item in request.session.items if getattr(item, 'module', None) is request.module
-            for name in item.fixturenames}
+    return {name for item in _selected(request) for name in item.fixturenames}
+
+
+def _resume_variants(request):
+    """{RESUME_RUNS variant: whether its run B is needed} for the selected tests."""
+    wanted = {}
+    for item in _selected(request):
+        if 'resumed_runs' in item.fixturenames:
+            wanted[item.callspec.params['resumed_runs']] = True
+        elif 'finished_run' in item.fixturenames:
+            wanted.setdefault('two_stages', False)
+    return wanted
 
 
 @pytest.fixture(scope='module')
@@ -212,7 +257,7 @@ def background(request, tmp_path_factory):
     if 'sharded' in needs:
         jobs.start_sharded()
     if needs & {'finished_run', 'resumed_runs'}:
-        jobs.start_resume_chain(with_b='resumed_runs' in needs)
+        jobs.start_resume_chain(_resume_variants(request))
     yield jobs
     jobs.close()
 
@@ -230,14 +275,17 @@ def sharded(background):
 @pytest.fixture(scope='module')
 def finished_run(background):
     """Workdir of run A (both stages to the end), and the data dir it generated."""
-    background.wait(background.a_done)
-    return background.workdirs['A'], background.data_dir
+    runs = background.runs['two_stages']
+    background.wait(runs, runs.a_done)
+    return runs.workdirs['A'], background.data_dir
 
 
-@pytest.fixture(scope='module')
-def resumed_runs(background):
-    background.wait(background.b_done)
-    return background
+@pytest.fixture(scope='module', params=list(RESUME_RUNS))
+def resumed_runs(request, background):
+    """A RESUME_RUNS variant's runs A and B, both finished."""
+    runs = background.runs[request.param]
+    background.wait(runs, runs.b_done)
+    return runs
 
 
 # =============================================================================================
@@ -725,26 +773,34 @@ def _compare_bitwise(a, b, what):
 @pytest.mark.slow
 def test_kill_and_resume_is_bitwise_identical(resumed_runs):
     from var_jax import convert
-    runs = resumed_runs
+    runs, stage = resumed_runs, resumed_runs.stage
     a, b = runs.workdirs['A'], runs.workdirs['B']
     assert runs.b1_returncode == -signal.SIGKILL
-    b1_log, b2_log = _tail(os.path.join(runs.base, 'B1.log'), 10 ** 7), _tail(os.path.join(runs.base, 'B2.log'), 10 ** 7)
-    assert '[transformer] step 4/12' in b1_log and '[transformer] step 8/12' not in b1_log
-    assert 'resumed from step 12 of' in b2_log  # the finished tokenizer stage is not retrained
-    assert 'resumed from step 4 of' in b2_log  # the transformer redoes steps 5.. from checkpoint 4
+    b1_log, b2_log = (_tail(os.path.join(runs.base, runs.log(r)), 10 ** 7) for r in ('B1', 'B2'))
+    assert f'[{stage}] step 4/12' in b1_log and f'[{stage}] step 8/12' not in b1_log
+    assert f'[{stage}] step 12/12' in b2_log and 'resumed from step 4 of' in b2_log  # redoes steps 5.. from 4
+    if stage == 'transformer':
+        assert 'resumed from step 12 of' in b2_log  # the finished tokenizer stage is not retrained
     for w in (a, b):
-        for stage in ('tokenizer', 'transformer'):
-            steps = sorted(int(s) for s in os.listdir(os.path.join(w, stage, 'checkpoints')) if s.isdigit())
-            assert steps[-1] == 12, (w, stage, steps)
-            assert not [s for s in os.listdir(os.path.join(w, stage, 'checkpoints')) if 'tmp' in s]
-    # Whole train states (params, AdamW moments, step, rng, data position) and the exported models.
-    for stage in ('tokenizer', 'transformer'):
-        _compare_bitwise(_restore_raw(os.path.join(a, stage, 'checkpoints', '12', 'state')),
-                         _restore_raw(os.path.join(b, stage, 'checkpoints', '12', 'state')), f'{stage} state')
-    cfg_a, params_a = convert.load_pretrained(os.path.join(a, 'export'))
-    cfg_b, params_b = convert.load_pretrained(os.path.join(b, 'export'))
-    assert cfg_a == cfg_b and set(params_a) == {'vae', 'var'}
-    _compare_bitwise(params_a, params_b, 'export')
-    # The end of the run (final sample grid) was reached in both.
-    assert os.path.exists(os.path.join(b, 'transformer', 'samples', 'samples_0000012.png'))
-    assert os.path.exists(os.path.join(a, 'transformer', 'samples', 'samples_0000012.png'))
+        for st in runs.stages:
+            steps = sorted(int(s) for s in os.listdir(os.path.join(w, st, 'checkpoints')) if s.isdigit())
+            assert steps[-1] == 12, (w, st, steps)
+            assert not [s for s in os.listdir(os.path.join(w, st, 'checkpoints')) if 'tmp' in s]
+    # Whole train states (params, AdamW moments, step, rng, data position; with the discriminator on,
+    # its params and Adam state) and the exported models.
+    for st in runs.stages:
+        state_a = _restore_raw(os.path.join(a, st, 'checkpoints', '12', 'state'))
+        _compare_bitwise(state_a, _restore_raw(os.path.join(b, st, 'checkpoints', '12', 'state')), f'{st} state')
+    if 'tokenizer.disc_weight' in runs.overrides:
+        adam_count = jax.tree.leaves(state_a['disc_opt_state'])[0]  # steps the discriminator trained
+        assert int(adam_count) == 12 - runs.overrides['tokenizer.disc_start'], state_a['disc_opt_state']
+    exports = ['tokenizer/export'] + (['export'] if 'transformer' in runs.stages else [])
+    for export in exports:
+        cfg_a, params_a = convert.load_pretrained(os.path.join(a, export))
+        cfg_b, params_b = convert.load_pretrained(os.path.join(b, export))
+        assert cfg_a == cfg_b and set(params_a) == ({'vae', 'var'} if export == 'export' else {'vae'})
+        _compare_bitwise(params_a, params_b, export)
+    # The end of the run (final sample grid of its last stage) was reached in both.
+    grid = {'tokenizer': 'recon', 'transformer': 'samples'}[runs.stages[-1]]
+    for w in (a, b):
+        assert os.path.exists(os.path.join(w, runs.stages[-1], 'samples', f'{grid}_0000012.png'))

@@ -10,9 +10,9 @@ executable (same shapes, no new compile), checks the non-finite guard. Saves the
 state with var_jax.checkpoint.Checkpointer in OUT_DIR/ckpt (restored on 1 device by the pytest
 process), every number the tests need in OUT_DIR/result.json and that state in OUT_DIR/arrays.npz.
 
-    python tests/train_worker.py main_paused STEP MAIN_PY_FLAGS...
+    python tests/train_worker.py main_paused STAGE STEP MAIN_PY_FLAGS...
 
-main.py itself, except that the transformer stage sleeps after step STEP (see main_paused).
+main.py itself, except that stage STAGE sleeps after its step STEP (see main_paused).
 """
 import json
 import os
@@ -176,9 +176,9 @@ def sharded_steps(out_dir):
         json.dump(res, f, indent=1)
 
 
-def main_paused(pause_at, argv):
-    """main.py with its own flags, except that the transformer stage sleeps after step `pause_at`
-    (once its newest checkpoint is on disk), so that the test's SIGKILL lands mid-run for sure."""
+def main_paused(stage, pause_at, argv):
+    """main.py with its own flags, except that `stage` sleeps after its step `pause_at` (once its
+    newest checkpoint is on disk), so that the test's SIGKILL lands mid-run for sure."""
     import time
     from absl import app
     from var_jax import checkpoint
@@ -186,7 +186,7 @@ def main_paused(pause_at, argv):
 
     def paused_save(self, step, state, force=False):
         out = save(self, step, state, force)
-        if step == pause_at and os.path.basename(os.path.dirname(self.directory)) == 'transformer':
+        if step == pause_at and os.path.basename(os.path.dirname(self.directory)) == stage:
             self.wait()
             print(f'PAUSED at step {step}', flush=True)
             time.sleep(600)
@@ -202,6 +202,6 @@ if __name__ == '__main__':
     if sys.argv[1] == 'sharded':
         sharded_steps(sys.argv[2])
     elif sys.argv[1] == 'main_paused':
-        main_paused(int(sys.argv[2]), sys.argv[3:])
+        main_paused(sys.argv[2], int(sys.argv[3]), sys.argv[4:])
     else:
-        raise SystemExit(f'usage: {sys.argv[0]} sharded OUT_DIR | main_paused STEP MAIN_FLAGS...')
+        raise SystemExit(f'usage: {sys.argv[0]} sharded OUT_DIR | main_paused STAGE STEP MAIN_FLAGS...')
