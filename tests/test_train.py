@@ -50,8 +50,9 @@ TINY = {
 }
 PAUSE_AT = 6  # run B is killed after step 6 of a stage: checkpoint 4 is on disk, steps 5-6 are lost
 # Kill-and-resume variants: the stage whose step PAUSE_AT the kill lands after, config overrides on TINY.
+# (Their names are in the workdir paths, which error messages quote: no config field names.)
 RESUME_RUNS = {
-    'two_stages': ('transformer', {}),
+    'full_run': ('transformer', {}),   # both stages
     # The discriminator trains from step 3 (disc_start 2), so its params and Adam state at the
     # checkpoint the resume starts from (4) are not the initial ones.
     'gan_tokenizer': ('tokenizer', {'stages': 'tokenizer', 'tokenizer.disc_weight': 0.5, 'tokenizer.disc_start': 2,
@@ -242,7 +243,7 @@ def _resume_variants(request):
         if 'resumed_runs' in item.fixturenames:
             wanted[item.callspec.params['resumed_runs']] = True
         elif 'finished_run' in item.fixturenames:
-            wanted.setdefault('two_stages', False)
+            wanted.setdefault('full_run', False)
     return wanted
 
 
@@ -275,7 +276,7 @@ def sharded(background):
 @pytest.fixture(scope='module')
 def finished_run(background):
     """Workdir of run A (both stages to the end), and the data dir it generated."""
-    runs = background.runs['two_stages']
+    runs = background.runs['full_run']
     background.wait(runs, runs.a_done)
     return runs.workdirs['A'], background.data_dir
 
