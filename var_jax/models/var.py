@@ -5,8 +5,9 @@ of its own scale and of every coarser scale. Class conditioning enters twice: as
 token and through AdaLN in every block and in the head. Submodule and parameter names follow
 the official state dict so the converter is a renaming plus layout changes.
 
-Sequences are (B, L, C); attention runs through `jax.nn.dot_product_attention` with an
-explicit scale so XLA (or cuDNN on GPU) picks the kernel.
+Sequences are (B, L, C); full-sequence attention runs through `jax.nn.dot_product_attention`
+with an explicit scale so XLA (or cuDNN on GPU) picks the kernel; the sampler's cached
+attention (`_cached_attention`) keeps its KV cache head-major.
 """
 import math
 from typing import Any, Sequence
@@ -66,6 +67,23 @@ def _l2_normalize(x, eps=1e-12):
     return (x / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
+def _cached_attention(q, k, v, cache, begin: int, scale: float):
+    """Writes k, v (B, N, H, hd) at [begin, begin+N) of the cache; q attends to cache[:begin+N].
+
+    The cache is head-major (B, H, L, hd), the layout the two attention matmuls consume, so
+    only the N new tokens are transposed per step, never the cached L (on CPU the transposes of
+    a token-major cache cost more than the attention itself). Returns ((B, N, H, hd), cache).
+    """
+    end = begin + q.shape[1]
+    heads_first = lambda t, c: t.transpose(0, 2, 1, 3).astype(c.dtype)
+    cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], heads_first(t, cache[name]), begin, 2)
+             for name, t in (('k', k), ('v', v))}
+    keys, values = cache['k'][:, :, :end].astype(q.dtype), cache['v'][:, :, :end].astype(q.dtype)
+    s = jnp.einsum('bnhd,bhsd->bhns', q, keys, preferred_element_type=jnp.float32) * scale
+    p = jax.nn.softmax(s, axis=-1).astype(values.dtype)
+    return jnp.einsum('bhns,bhsd->bnhd', p, values), cache
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention; keys have no bias; optional l2-normalised q/k."""
     embed_dim: int
@@ -80,7 +98,7 @@ class SelfAttention(nn.Module):
         """x (B, N, C) -> (B, N, C), plus the updated KV cache when one is given.
 
         Without a cache, attention is over x itself under `mask` ((N, N) bool or None). With a
-        cache {'k','v': (B, L, H, hd)}, x are the tokens at [begin, begin+N): their keys/values
+        cache {'k','v': (B, H, L, hd)}, x are the tokens at [begin, begin+N): their keys/values
         are written there and the queries attend to every cached position < begin+N (all of
         them are earlier or same-scale tokens, so no mask is needed).
         """
@@ -102,13 +120,12 @@ class SelfAttention(nn.Module):
             scale = 1.0
         else:
             scale = 0.25 / math.sqrt(hd)
-        if cache is not None:
-            end = begin + N
-            cache = {'k': jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype), begin, 1),
-                     'v': jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype), begin, 1)}
-            k, v = cache['k'][:, :end].astype(q.dtype), cache['v'][:, :end].astype(q.dtype)
-        m = None if mask is None else mask[None, None]
-        out = jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale).reshape(B, N, C)
+        if cache is None:
+            m = None if mask is None else mask[None, None]
+            out = jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale).reshape(B, N, C)
+        else:
+            out, cache = _cached_attention(q, k, v, cache, begin, scale)
+            out = out.reshape(B, N, C)
         out = nn.Dense(C, dtype=self.dtype, kernel_init=trunc_normal(self.init_std, self.proj_scale),
                        name='proj')(out)
         return out, cache
@@ -305,8 +322,8 @@ class VAR(nn.Module):
 
     # --- cached autoregressive step ----------------------------------------------------------
     def init_cache(self, batch: int, dtype=None):
-        """Empty KV cache: per block {'k','v': (batch, L, H, hd)}."""
-        shape = (batch, self.L, self.num_heads, self.embed_dim // self.num_heads)
+        """Empty KV cache: per block {'k','v': (batch, H, L, hd)}."""
+        shape = (batch, self.num_heads, self.L, self.embed_dim // self.num_heads)
         dt = dtype or self.dtype
         return [{'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)} for _ in range(self.depth)]
 
