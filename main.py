@@ -22,6 +22,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     config = FLAGS.config
+    from var_jax import runtime
+    runtime.keep_freed_memory_on_cpu()  # before JAX starts its thread pool
     import jax
     # Sampling needs no TensorFlow; training imports it only for the input pipeline (CPU only).
     if config.distributed:

@@ -5,6 +5,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from var_jax import runtime  # noqa: E402
+
+runtime.keep_freed_memory_on_cpu()  # before JAX starts its thread pool (see the docstring)
+
 from var_jax import api  # noqa: E402
 from var_jax.models.var import var_config_for_depth  # noqa: E402
 
