@@ -1,9 +1,13 @@
 """Shared fixtures: the official golden outputs and the tiny models converted from them."""
 import os
 
-import jax
-import numpy as np
-import pytest
+from var_jax import runtime
+
+runtime.keep_freed_memory_on_cpu()  # before JAX starts: faster CPU steps (see its docstring)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 # Parity with the official float32 outputs needs full-precision matmuls on every backend.
 jax.config.update('jax_default_matmul_precision', 'highest')
