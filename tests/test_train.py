@@ -678,6 +678,14 @@ def test_incompatible_checkpoint_raises_config_mismatch(finished_run):
     assert (open(os.path.join(stage, 'config.json'), 'rb').read(), listing()) == before
 
 
+
+def test_other_stage_settings_do_not_block_resume(finished_run):
+    """The tokenizer's checkpoints ignore the transformer's settings: retuning the transformer in a
+    workdir with a finished tokenizer resumes (here: finds the tokenizer done) instead of refusing."""
+    workdir, data_dir = finished_run
+    config = small_config(data_dir, stages='tokenizer', **{'transformer.optim.tblr': 0.123, 'var.depth': 1})
+    train.run(config, workdir)  # raised ConfigMismatchError before OTHER_STAGE_KEYS
+
 # =============================================================================================
 # 4. Sharded step equivalence (and 6. the non-finite guard of the step), one 4-device subprocess
 # =============================================================================================

@@ -397,7 +397,7 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
 
     stage_dir = os.path.join(workdir, stage)
     ckpt = Checkpointer(stage_dir, max_to_keep=config.keep_checkpoints, save_every=config.save_every,
-                        config=config, resumable_keys=DEFAULT_RESUMABLE_KEYS + RESUMABLE_KEYS)
+                        config=config, resumable_keys=DEFAULT_RESUMABLE_KEYS + RESUMABLE_KEYS + OTHER_STAGE_KEYS.get(stage, ()))
     start = ckpt.latest_step() or 0
     if start:
         state = ckpt.restore(sharding.with_shardings(state, state_shardings))
@@ -465,6 +465,9 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
 # --- the two stages ----------------------------------------------------------------------------
 RESUMABLE_KEYS = ('*total_steps', '*log_every*', '*sample_every*', '*save_every*', '*keep_checkpoints*',
                   'sample', 'sample.*', 'mesh', 'mesh.*', 'distributed', 'stages', '*perceptual_weights_path')
+# Config sections a stage's checkpoints do not depend on: the other stage's own settings (so the
+# transformer can be retuned on a finished tokenizer, and the reverse, in the same workdir).
+OTHER_STAGE_KEYS = {'tokenizer': ('transformer', 'var'), 'transformer': ('tokenizer',)}
 
 
 def build_from_config(config):
