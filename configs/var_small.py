@@ -16,7 +16,7 @@ def get_config():
     c.var.update(dict(num_classes=10, depth=4, embed_dim=256, num_heads=4, drop_path_rate=0.0))
     c.tokenizer.update(dict(total_steps=500, batch_size=32, restart_every=25,
                             optim=optim(3e-2, 50, wd=0.0, wpe=0.05)))
-    c.transformer.update(dict(total_steps=600, batch_size=32, optim=optim(1e-2, 50, wpe=0.1)))
+    c.transformer.update(dict(total_steps=750, batch_size=32, optim=optim(1e-2, 50, wpe=0.1)))
     c.log_every, c.save_every, c.sample_every = 50, 250, 250
     c.keep_checkpoints = 2
     c.sample.update(dict(num_images=40, ncols=10, batch_size=40, cfg=3.0, top_k=20, top_p=0.9))
