@@ -397,7 +397,8 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
 
     stage_dir = os.path.join(workdir, stage)
     ckpt = Checkpointer(stage_dir, max_to_keep=config.keep_checkpoints, save_every=config.save_every,
-                        config=config, resumable_keys=DEFAULT_RESUMABLE_KEYS + RESUMABLE_KEYS + OTHER_STAGE_KEYS.get(stage, ()))
+                        config=config,
+                        resumable_keys=DEFAULT_RESUMABLE_KEYS + RESUMABLE_KEYS + OTHER_STAGE_KEYS.get(stage, ()))
     start = ckpt.latest_step() or 0
     if start:
         state = ckpt.restore(sharding.with_shardings(state, state_shardings))
