@@ -1,57 +1,130 @@
-"""Model presets and command-line options shared by the benchmarks."""
-import argparse
+"""What the benchmarks share: the repository on sys.path, the CPU malloc setting, `--config` as in main.py,
+and the three programs they time or compile (transformer train step, tokenizer train step, sampler).
+
+Each program is built from the run config exactly as training and sampling build it (the trainers' step
+functions, the optimizer of the config, the sharding rules); `*_program` returns the jitted function and
+abstract arguments (shapes, dtypes, shardings), so the same code is compiled for this host
+(benchmarks/train.py, sample.py) or ahead of time for a TPU topology (benchmarks/aot.py).
+"""
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
 
 from var_jax import runtime  # noqa: E402
 
 runtime.keep_freed_memory_on_cpu()  # before JAX starts its thread pool (see the docstring)
 
-from var_jax import api  # noqa: E402
-from var_jax.models.var import var_config_for_depth  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
-PRESETS = {
-    # The small bench config that runs on a laptop CPU: 32 px, 8x8 latent.
-    'bench': dict(depth=6, width=384, heads=6, patch_nums='1,2,3,4,6,8', vocab=512, cvae=16, vae_ch=32,
-                  vae_ch_mult='1,2,2', num_classes=1000, batch=32),
-    # VAR-d16 with the released tokenizer's shapes, 256 px.
-    'd16': dict(depth=16, width=1024, heads=16, patch_nums='1,2,3,4,5,6,8,10,13,16', vocab=4096, cvae=32,
-                vae_ch=160, vae_ch_mult='1,1,2,2,4', num_classes=1000, batch=64),
-}
+from var_jax import optim, sampling, sharding  # noqa: E402
+from var_jax.trainers import loop, tokenizer, transformer  # noqa: E402
+
+DEFAULT_CONFIG = os.path.join(REPO, 'configs', 'bench.py')
 
 
-def ints(s: str) -> tuple:
-    return tuple(int(x) for x in s.split(','))
+def define_config_flag():
+    """--config=configs/<name>.py with --config.<field>=... overrides, as main.py (typos are refused)."""
+    config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'model config file (configs/*.py)', lock_config=True)
 
 
-def model_parser(doc: str) -> argparse.ArgumentParser:
-    """A parser with --preset and the model / batch / dtype options that override it."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--preset', choices=sorted(PRESETS), default='bench', help='base config; the flags below override it')
-    for name, typ in (('depth', int), ('width', int), ('heads', int), ('patch_nums', str), ('vocab', int),
-                      ('cvae', int), ('vae_ch', int), ('vae_ch_mult', str), ('num_classes', int), ('batch', int)):
-        p.add_argument(f'--{name}', type=typ, default=None)
-    p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
-                   help='compute dtype of the transformer blocks (params, logits and the VQVAE stay float32)')
-    p.add_argument('--iters', type=int, default=10)
-    return p
+def config():
+    return flags.FLAGS.config
 
 
-def parse(parser: argparse.ArgumentParser, argv=None):
-    args = parser.parse_args(argv)
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    return args
+def models(config):
+    """(VQVAE, VAR) of the config, as training builds them."""
+    return loop.build_models(config)
 
 
-def build_models(args):
-    """(VQVAE, VAR) of the command-line settings."""
-    pns = ints(args.patch_nums)
-    vae_kw = dict(vocab_size=args.vocab, z_channels=args.cvae, ch=args.vae_ch, ch_mult=ints(args.vae_ch_mult),
-                  patch_nums=pns)
-    var_kw = var_config_for_depth(args.depth, embed_dim=args.width, num_heads=args.heads,
-                                  num_classes=args.num_classes, dtype=args.dtype)
-    return api.build_models(vae_kw, var_kw)
+def seq_len(var) -> int:
+    return sum(p * p for p in var.patch_nums)
+
+
+def with_shardings(tree, shardings):
+    """Abstract arrays (jax.ShapeDtypeStruct) of tree's shapes and dtypes with the given shardings."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_state(mesh, tx, init_fn, extra=None):
+    """(abstract train state with shardings, its shardings): `loop.new_state` of init_fn's params, shapes only."""
+    make = lambda key: loop.new_state(init_fn(key), tx, 0) | (extra or {})
+    shapes = jax.eval_shape(make, jax.random.PRNGKey(0))
+    shardings = sharding.param_sharding(mesh, shapes)
+    return with_shardings(shapes, shardings), shardings
+
+
+def abstract_vae_params(vqvae, mesh):
+    R = vqvae.image_size
+    shapes = jax.eval_shape(lambda k: vqvae.init(k, jnp.zeros((1, R, R, 3)))['params'], jax.random.PRNGKey(0))
+    return with_shardings(shapes, jax.tree.map(lambda _: sharding.replicated(mesh), shapes))
+
+
+def var_init_fn(var):
+    x = jnp.zeros((1, seq_len(var) - var.patch_nums[0] ** 2, var.cvae))
+    return lambda key: var.init(key, jnp.zeros((1,), jnp.int32), x)['params']
+
+
+def image_batch(vqvae, batch: int, mesh):
+    R, bs = vqvae.image_size, sharding.batch_sharding(mesh)
+    return {'image': jax.ShapeDtypeStruct((batch, R, R, 3), jnp.float32, sharding=bs),
+            'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=bs)}
+
+
+def transformer_program(config, vqvae, var, mesh, batch: int):
+    """(jitted transformer step, abstract (state, vae_params, batch, token_weights), its optimizer)."""
+    cfg = config.transformer
+    tx = optim.make_optimizer(cfg.optim, cfg.total_steps, batch, pg=cfg.pg)
+    state, shardings = abstract_state(mesh, tx, var_init_fn(var))
+    rep, bs = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    L = seq_len(var)
+    weights = jax.ShapeDtypeStruct((L,), jnp.float32, sharding=rep)
+    vae_params = abstract_vae_params(vqvae, mesh)
+    step = jax.jit(transformer.make_step(vqvae, var, tx, cfg.label_smoothing),
+                   in_shardings=(shardings, rep, {'image': bs, 'label': bs}, rep),
+                   out_shardings=(shardings, rep), donate_argnums=0)
+    return step, (state, vae_params, image_batch(vqvae, batch, mesh), weights), tx
+
+
+def tokenizer_program(config, vqvae, mesh, batch: int):
+    """(jitted tokenizer step (reconstruction + VQ loss, no GAN / LPIPS), abstract (state, batch), optimizer)."""
+    cfg = config.tokenizer
+    tx = optim.make_optimizer(cfg.optim, cfg.total_steps, batch)
+    R = vqvae.image_size
+    extra = dict(code_hits=jnp.zeros((vqvae.vocab_size,), jnp.int32))
+    state, shardings = abstract_state(mesh, tx, lambda k: vqvae.init(k, jnp.zeros((1, R, R, 3)))['params'], extra)
+    bs = sharding.batch_sharding(mesh)
+    step = jax.jit(tokenizer.make_step(vqvae, tx, cfg.l1, cfg.l2, cfg.restart_every),
+                   in_shardings=(shardings, {'image': bs, 'label': bs}),
+                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    batch_args = image_batch(vqvae, batch, mesh)
+    return step, (state, batch_args), tx
+
+
+def sampler_program(config, vqvae, var, device, batch: int):
+    """(the compiled-once sampler of `sampling.sample`, abstract args) for one device, the config's
+    sample settings (cfg on, top-k, top-p)."""
+    s = config.sample
+    one = jax.sharding.SingleDeviceSharding(device)
+    fn = sampling._compiled_loop(vqvae, var, int(s.top_k), bool(s.top_p > 0), bool(s.more_smooth), False)
+    tp = jax.eval_shape(var_init_fn(var), jax.random.PRNGKey(0))
+    R = vqvae.image_size
+    vp = jax.eval_shape(lambda k: vqvae.init(k, jnp.zeros((1, R, R, 3)))['params'], jax.random.PRNGKey(0))
+    on = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), t)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=one)
+    args = (on(vp), on(tp), jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=one),
+            on(jax.eval_shape(lambda: jax.random.PRNGKey(0))), scalar, scalar, scalar)
+    return fn, args
+
+
+def analytic_flops(var, batch: int, train: bool = True) -> float:
+    """Model FLOPs of the transformer: 2 * matmul params * tokens + attention (QK^T and AV over the
+    block-causal pairs a kernel must compute, counted dense as the official code does), x3 for training."""
+    C, L, D = var.embed_dim, seq_len(var), var.depth
+    per_token = D * (4 * C * C + 2 * C * round(C * var.mlp_ratio)) + C * var.vocab_size + var.cvae * C
+    attn = D * 2 * 2 * L * L * C
+    return (3 if train else 1) * (2 * per_token * L + attn) * batch

@@ -1,12 +1,14 @@
 """Transformer train-step speed: tokenizing the batch, forward, backward and AdamW in one jitted step.
 
-Random-init models and random images (speed does not depend on the weights). Prints a table:
-compile time, steady-state step time (median of --iters steps), img/s, tokens/s, model FLOPs
-utilisation (analytic 6 * N_token_params * tokens + attention, against --peak_tflops, or the
-device's known peak), XLA's own FLOP count of the step and peak memory.
+The step is the trainer's own (`var_jax.trainers.transformer.make_step`) on the models and optimizer of
+`--config` (default configs/bench.py), random-init weights and random images (speed does not depend on
+them). Prints: compile time, steady-state step time (median of --iters steps), img/s, tokens/s, model
+FLOPs utilisation (analytic 6 * N_token_params * tokens + attention, against --peak_tflops), XLA's own
+FLOP count of the step and peak memory.
 
-    python benchmarks/train.py                            # the small CPU bench config, batch 32
-    python benchmarks/train.py --preset d16 --dtype bfloat16 --peak_tflops 989   # VAR-d16, 256 px
+    python benchmarks/train.py                                                 # bench config, batch 32
+    python benchmarks/train.py --config=configs/var_d16.py --config.transformer.batch_size=64 \\
+        --peak_tflops 989                                                      # VAR-d16, bf16, one H100/H200
 """
 import resource
 import statistics
@@ -14,76 +16,65 @@ import time
 
 import common
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
+from absl import app, flags
 
-from var_jax import sharding, train
+from var_jax import sharding
+from var_jax.trainers import loop
 
-
-def parse_args(argv=None):
-    p = common.model_parser(__doc__)
-    p.add_argument('--fsdp', type=int, default=1)
-    p.add_argument('--peak_tflops', type=float, default=None,
-                   help='per-device peak for MFU (e.g. 989 for H100/H200 bf16)')
-    return common.parse(p, argv)
-
-
-def analytic_flops(var, batch):
-    """6 * (per-token matmul params) * tokens + attention (QK^T and AV, fwd+bwd) per step."""
-    C, L, D = var.embed_dim, sum(p * p for p in var.patch_nums), var.depth
-    per_token = D * (4 * C * C + 2 * C * round(C * var.mlp_ratio)) + C * var.vocab_size + var.cvae * C
-    attn = D * 2 * 2 * L * L * C  # QK^T and AV, multiply-adds counted as 2 flops
-    return 3 * (2 * per_token * L + attn) * batch
+common.define_config_flag()
+flags.DEFINE_integer('iters', 10, 'timed steps (after one warm-up step)')
+flags.DEFINE_float('peak_tflops', None, 'per-device peak for MFU (e.g. 989 for H100/H200 bf16)')
+FLAGS = flags.FLAGS
 
 
-def main(argv=None):
-    a = parse_args(argv)
-    pns = common.ints(a.patch_nums)
-    vqvae, var = common.build_models(a)
-    mesh = sharding.make_mesh(a.fsdp)
-    optim = ml_collections.ConfigDict(dict(tblr=1e-4, warmup_steps=100, wp0=0.005, wpe=0.1, wd=0.05,
-                                           wd_end=0.05, clip=2.0, beta1=0.9, beta2=0.95))
-    tx = train.make_optimizer(optim, 1000, a.batch)
-    R = vqvae.image_size
-    vae_params = jax.jit(vqvae.init)(jax.random.PRNGKey(0), jnp.zeros((1, R, R, 3)))['params']
-    L = sum(p * p for p in pns)
-    state, shardings = train._init_state(
-        mesh, tx, 0, lambda k: var.init(k, jnp.zeros((1,), jnp.int32), jnp.zeros((1, L - 1, a.cvae)))['params'])
-    rng = np.random.default_rng(0)
-    batch = sharding.global_batch({'image': rng.uniform(-1, 1, (a.batch, R, R, 3)).astype(np.float32),
-                                   'label': rng.integers(0, a.num_classes, a.batch).astype(np.int32)}, mesh)
-    weights = jnp.full((L,), 1.0 / L)
-    rep, bs = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    step = jax.jit(train.make_var_step(vqvae, var, tx, 0.0),
-                   in_shardings=(shardings, rep, {'image': bs, 'label': bs}, rep),
-                   out_shardings=(shardings, rep), donate_argnums=0)
+def main(_):
+    config = common.config()
+    vqvae, var = common.models(config)
+    batch = config.transformer.batch_size
+    mesh = sharding.make_mesh(config.mesh.fsdp)
+    step, args, tx = common.transformer_program(config, vqvae, var, mesh, batch)
     t = time.perf_counter()
-    compiled = step.lower(state, vae_params, batch, weights).compile()
+    compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - t
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    xla_flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
-    state, m = compiled(state, vae_params, batch, weights)
+
+    # Concrete inputs with the abstract ones' shapes and shardings.
+    R = vqvae.image_size
+    state, _ = loop.init_state(mesh, tx, config.seed, common.var_init_fn(var))
+    vae_params = jax.jit(vqvae.init)(jax.random.PRNGKey(0), np.zeros((1, R, R, 3), np.float32))['params']
+    rng = np.random.default_rng(0)
+    data = sharding.global_batch({'image': rng.uniform(-1, 1, (batch, R, R, 3)).astype(np.float32),
+                                  'label': rng.integers(0, var.num_classes, batch).astype(np.int32)}, mesh)
+    w = jax.device_put(np.full((common.seq_len(var),), 1.0 / common.seq_len(var), np.float32),
+                       sharding.replicated(mesh))
+    state, m = compiled(state, vae_params, data, w)
     jax.block_until_ready(m)
     times = []
-    for _ in range(a.iters):
+    for _ in range(FLAGS.iters):
         t = time.perf_counter()
-        state, m = compiled(state, vae_params, batch, weights)
+        state, m = compiled(state, vae_params, data, w)
         jax.block_until_ready((state, m))
         times.append(time.perf_counter() - t)
     dt = statistics.median(times)
-    flops = analytic_flops(var, a.batch)
+
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    xla_flops = float(cost.get('flops', float('nan'))) if cost else float('nan')
+    flops = common.analytic_flops(var, batch)
     dev = jax.devices()[0]
     stats = dev.memory_stats() if hasattr(dev, 'memory_stats') else None
     peak_mem = (stats or {}).get('peak_bytes_in_use')
     peak_mem = peak_mem / 2**30 if peak_mem else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    mfu = flops / dt / (a.peak_tflops * 1e12 * jax.device_count()) * 100 if a.peak_tflops else float('nan')
-    rows = [('device', f'{jax.device_count()} x {dev.device_kind}'), ('config', f'{a.preset} d{a.depth} w{a.width} '
-            f'h{a.heads} L{L} V{a.vocab} Cvae{a.cvae} batch {a.batch} {a.dtype} fsdp {a.fsdp}'),
+    peak = FLAGS.peak_tflops
+    mfu = flops / dt / (peak * 1e12 * jax.device_count()) * 100 if peak else float('nan')
+    L = common.seq_len(var)
+    rows = [('device', f'{jax.device_count()} x {dev.device_kind}'),
+            ('config', f'd{var.depth} w{var.embed_dim} h{var.num_heads} L{L} V{var.vocab_size} Cvae{var.cvae} '
+                       f'batch {batch} {var.dtype} fsdp {config.mesh.fsdp} scan {var.scan} remat {var.remat} '
+                       f'attention {var.attention}'),
             ('compile s', f'{compile_s:.1f}'), ('step s (median)', f'{dt:.4f}'),
-            ('step s (min)', f'{min(times):.4f}'), ('img/s', f'{a.batch / dt:.1f}'),
-            ('tokens/s', f'{a.batch * L / dt:,.0f}'), ('model TFLOP/step', f'{flops / 1e12:.3f}'),
+            ('step s (min)', f'{min(times):.4f}'), ('img/s', f'{batch / dt:.1f}'),
+            ('tokens/s', f'{batch * L / dt:,.0f}'), ('model TFLOP/step', f'{flops / 1e12:.3f}'),
             ('achieved TFLOP/s', f'{flops / dt / 1e12:.3f}'), ('XLA TFLOP/step', f'{xla_flops / 1e12:.3f}'),
             ('MFU %', f'{mfu:.1f}'), ('peak memory GiB', f'{peak_mem:.2f}'), ('final loss', f'{float(m["loss"]):.4f}')]
     w = max(len(k) for k, _ in rows)
@@ -92,4 +83,4 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    app.run(main)

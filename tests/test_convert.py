@@ -109,15 +109,39 @@ def test_buffers_are_validated(golden):
         convert.convert_var(sd, GOLDEN_PATCH_NUMS)
 
 
-def test_attention_without_l2_norm_is_inferred(golden, tiny):
+def test_head_count_without_l2_norm_is_never_guessed(golden, tmp_path):
+    """Without scale_mul_1H11 no tensor fixes the head count: the converter refuses to guess (the tiny
+    golden VAR has 2 heads of width 32; the official-width guess C // 64 would give 1 and wrong logits),
+    and --num_heads supplies it."""
     sd = {k: v for k, v in golden_state_dict(golden, 'var/').items() if 'scale_mul' not in k}
+    with pytest.raises(convert.CheckpointMismatchError, match='pass num_heads'):
+        convert.convert_var(sd, GOLDEN_PATCH_NUMS)
     cfg, params = convert.convert_var(sd, GOLDEN_PATCH_NUMS, num_heads=2)
     assert not cfg['attn_l2_norm'] and cfg['num_heads'] == 2
-    var = VAR(**cfg)
+    one_head = VAR(**dict(cfg, num_heads=1))
     x, labels = golden['var_io/x_BLCv_wo_first_l'], golden['var_io/label_B']
-    logits = var.apply({'params': params}, labels, x)
-    # Same weights, other attention: finite and different from the l2-norm model's logits.
-    assert np.isfinite(logits).all() and np.abs(logits - golden['var_io/logits_BLV']).max() > 1e-2
+    two, one = VAR(**cfg).apply({'params': params}, labels, x), one_head.apply({'params': params}, labels, x)
+    assert np.abs(two - one).max() > 1e-3  # the head count changes the logits: a guess would be silently wrong
+    with pytest.raises(convert.CheckpointMismatchError, match='scale_mul_1H11 has 2 heads'):
+        convert.convert_var(golden_state_dict(golden, 'var/'), GOLDEN_PATCH_NUMS, num_heads=4)
+
+    torch = pytest.importorskip('torch')
+    for part, state in (('vae', golden_state_dict(golden, 'vae/')), ('var', sd)):
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, tmp_path / f'{part}.pth')
+    args = ['--vae', str(tmp_path / 'vae.pth'), '--var', str(tmp_path / 'var.pth'), '--patch_nums', '1,2,4,8']
+    with pytest.raises(convert.CheckpointMismatchError, match='--num_heads'):
+        convert.main(args + ['--out', str(tmp_path / 'guess')])
+    convert.main(args + ['--out', str(tmp_path / 'out'), '--num_heads', '2'])
+    assert json.load(open(tmp_path / 'out' / 'model.json'))['var']['num_heads'] == 2
+
+
+def test_512_px_schedule_is_detected_from_the_token_count():
+    entries, _ = manifest_sections()['d36']
+    d36 = {k: np.broadcast_to(np.zeros((), np.float32), s) for k, s, _ in entries if k == 'pos_1LC'}
+    d16 = {'pos_1LC': np.zeros((1, 680, 8), np.float32)}
+    assert d36['pos_1LC'].shape[1] == 2240
+    assert convert.default_patch_nums(d36) == convert.PATCH_NUMS_512
+    assert convert.default_patch_nums(d16) == convert.default_patch_nums(None) == convert.PATCH_NUMS_256
 
 
 @pytest.mark.parametrize('share', [0, 1])

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from var_jax import train
+from var_jax.trainers import loop, tokenizer
 from var_jax.models.discriminator import PatchDiscriminator
 from var_jax.models.vqvae import VQVAE
 
@@ -35,9 +35,9 @@ def test_patch_grid_for_32px_nhwc():
 def test_hinge_and_generator_losses():
     real = jnp.array([2.0, 0.5, -1.0])   # relu(1 - x) = 0, 0.5, 2   -> mean 5/6
     fake = jnp.array([-2.0, 0.0, 1.0])   # relu(1 + x) = 0, 1, 2     -> mean 1
-    np.testing.assert_allclose(train.hinge_d_loss(real, fake), (5 / 6 + 1) / 2, rtol=1e-6)
-    np.testing.assert_allclose(train.generator_adv_loss(fake), 1 / 3, rtol=1e-6)
-    np.testing.assert_allclose(train.adaptive_weight(jnp.full((4,), 3.0), jnp.zeros(4), 0.5), 0.5 * 1e4)
+    np.testing.assert_allclose(tokenizer.hinge_d_loss(real, fake), (5 / 6 + 1) / 2, rtol=1e-6)
+    np.testing.assert_allclose(tokenizer.generator_adv_loss(fake), 1 / 3, rtol=1e-6)
+    np.testing.assert_allclose(tokenizer.adaptive_weight(jnp.full((4,), 3.0), jnp.zeros(4), 0.5), 0.5 * 1e4)
 
 
 @pytest.fixture(scope='module')
@@ -48,8 +48,8 @@ def setup():
     image = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3), minval=-1, maxval=1)
     params = jax.jit(vqvae.init)(jax.random.PRNGKey(0), image)['params']
     tx = optax.adam(1e-3)
-    dtx = train.make_disc_optimizer(1e-3)
-    state = train.new_state(params, tx, 0) | jax.jit(lambda: train.new_disc_state(disc, dtx, 8, 0))()
+    dtx = tokenizer.make_disc_optimizer(1e-3)
+    state = loop.new_state(params, tx, 0) | jax.jit(lambda: tokenizer.new_disc_state(disc, dtx, 8, 0))()
     return vqvae, disc, tx, dtx, state, {'image': image}
 
 
@@ -60,7 +60,7 @@ def started(setup):
 
 def _gan_step(setup, disc_start, weight=0.5):
     vqvae, disc, tx, dtx, state, batch = setup
-    step = train.make_vae_step(vqvae, tx, L1, L2, disc=disc, disc_tx=dtx, disc_weight=weight, disc_start=disc_start)
+    step = tokenizer.make_step(vqvae, tx, L1, L2, disc=disc, disc_tx=dtx, disc_weight=weight, disc_start=disc_start)
     return jax.jit(step)(state, batch)
 
 
@@ -68,7 +68,7 @@ def _gan_step(setup, disc_start, weight=0.5):
 def plain(setup):
     vqvae, _, tx, _, state, batch = setup
     plain_state = {k: v for k, v in state.items() if not k.startswith('disc_')}
-    return jax.jit(train.make_vae_step(vqvae, tx, L1, L2))(plain_state, batch)
+    return jax.jit(tokenizer.make_step(vqvae, tx, L1, L2))(plain_state, batch)
 
 
 def test_adaptive_weight_is_the_ratio_of_last_layer_gradient_norms(setup, started):
@@ -81,25 +81,32 @@ def test_adaptive_weight_is_the_ratio_of_last_layer_gradient_norms(setup, starte
     nll = lambda p: L1 * jnp.mean(jnp.abs(rec(p) - x)) + L2 * jnp.mean(jnp.square(rec(p) - x))
     g = lambda p: -jnp.mean(disc.apply({'params': state['disc_params']}, rec(p)))
 
+    vq = lambda p: vqvae.apply({'params': p}, x)[1]
+
     @jax.jit
     def reference(p):
         gn = jnp.linalg.norm(jax.grad(nll)(p)['decoder']['conv_out']['kernel'])
         gg = jnp.linalg.norm(jax.grad(g)(p)['decoder']['conv_out']['kernel'])
-        return gn, gg, nll(p), g(p)
-    gn, gg, nll_v, g_v = reference(state['params'])
+        return gn, gg, nll(p), g(p), vq(p)
+    gn, gg, nll_v, g_v, vq_v = reference(state['params'])
     assert gn > 0 and gg > 0
+    # VQGAN (taming calculate_adaptive_weight): ||d nll/d W|| / (||d g/d W|| + 1e-4), clamped to [0, 1e4],
+    # times the discriminator weight, W the decoder's last layer.
     expected = 0.5 * np.clip(gn / (gg + 1e-4), 0, 1e4)
     np.testing.assert_allclose(m['disc_weight_adaptive'], expected, rtol=1e-4)
     np.testing.assert_allclose(m['g_loss'], g_v, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(m['loss'], nll_v + expected * m['g_loss'] + m['vq'], rtol=1e-5)
+    np.testing.assert_allclose(m['loss'], nll_v + expected * g_v + vq_v, rtol=1e-5)
+    # The generator's gradient is that of nll + lambda * g + vq with lambda held constant.
+    total = lambda p: nll(p) + expected * g(p) + vq(p)
+    np.testing.assert_allclose(m['grad_norm'], optax.tree.norm(jax.jit(jax.grad(total))(state['params'])), rtol=1e-4)
 
 
 def test_disc_weight_zero_is_the_plain_step(setup):
     # Same program as make_vae_step's defaults (so same loss / params), no discriminator state read.
     vqvae, disc, tx, dtx, state, batch = setup
     plain_state = {k: v for k, v in state.items() if not k.startswith('disc_')}
-    off = train.make_vae_step(vqvae, tx, L1, L2, 0, disc=disc, disc_tx=dtx, disc_weight=0.0, disc_start=0)
-    default = train.make_vae_step(vqvae, tx, L1, L2)
+    off = tokenizer.make_step(vqvae, tx, L1, L2, 0, disc=disc, disc_tx=dtx, disc_weight=0.0, disc_start=0)
+    default = tokenizer.make_step(vqvae, tx, L1, L2)
     assert (str(jax.make_jaxpr(off)(plain_state, batch)) == str(jax.make_jaxpr(default)(plain_state, batch)))
 
 

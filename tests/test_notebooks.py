@@ -28,11 +28,11 @@ NOTEBOOKS = os.path.join(ROOT, 'notebooks')
 @pytest.fixture(scope='module')
 def tiny_ckpt(golden, tmp_path_factory):
     """A checkpoint directory like `python -m var_jax.convert --out DIR` writes, of the golden tiny models."""
-    from var_jax import convert
+    from var_jax import checkpoint, convert
     out = str(tmp_path_factory.mktemp('notebooks') / 'tiny_ckpt')
     vae_cfg, vae_params = convert.convert_vae(golden_state_dict(golden, 'vae/'), GOLDEN_PATCH_NUMS)
     var_cfg, var_params = convert.convert_var(golden_state_dict(golden, 'var/'), GOLDEN_PATCH_NUMS)
-    convert.save_pretrained(out, vae_cfg, vae_params, var_cfg, var_params)
+    checkpoint.save_pretrained(out, {'vae': vae_cfg, 'var': var_cfg}, {'vae': vae_params, 'var': var_params})
     return out
 
 
@@ -118,4 +118,4 @@ def test_tokenizer_notebook_from_notebooks_dir_with_png_files(tiny_ckpt, image_d
     from PIL import Image
     first = next(o for o in _outputs(nb) if 'image/png' in o.get('data', {}))
     width = Image.open(io.BytesIO(base64.b64decode(first['data']['image/png']))).width
-    assert width == 4 * (2 * (32 + 2) + 2), 'expected the 2 PNG files (notes.txt skipped) in one row, 4x enlarged'
+    assert width == 2 * (4 * 32 + 2) + 2, 'expected the 2 PNG files (notes.txt skipped) in one row, tiles 4x enlarged'

@@ -89,3 +89,35 @@ def test_api_round_trip_matches_golden(golden, tiny):
     np.testing.assert_allclose(nchw(api.decode(vqvae, vp, idx)), golden['vae_io/rec_img_B3HW'], atol=ATOL)
     logits = api.teacher_forcing_logits(vqvae, vp, var, tp, idx, golden['var_io/label_B'])
     np.testing.assert_allclose(logits, golden['var_io/logits_BLV'], atol=ATOL)
+
+
+@pytest.mark.parametrize('smoothing', [0.0, 0.1])
+def test_lean_cross_entropy_matches_the_one_hot_form_and_the_official_gradients(golden, tiny, smoothing):
+    """losses.cross_entropy (no one-hot, no log-softmax copy): optax's one-hot CE per token, in value and
+    gradient, also for bf16 logits; without smoothing the official loss and parameter gradients."""
+    from var_jax import losses
+    _, _, var, tp = tiny
+    x, labels, targets = golden['var_io/x_BLCv_wo_first_l'], golden['var_io/label_B'], golden['vae_io/idx_BL']
+    V = var.vocab_size
+
+    def one_hot_ce(z):
+        onehot = jax.nn.one_hot(targets, V) * (1 - smoothing) + smoothing / V
+        return optax.softmax_cross_entropy(z.astype(np.float32), onehot)
+
+    z = golden['var_io/logits_BLV']
+    for logits in (z, z.astype(jax.numpy.bfloat16)):
+        ce, correct = losses.cross_entropy(logits, targets, smoothing)
+        np.testing.assert_allclose(ce, one_hot_ce(logits), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(correct, np.argmax(np.asarray(logits, np.float32), -1) == targets)
+        g, g_ref = (jax.grad(lambda l, f=f: (f(l) * np.arange(l.shape[1])).sum())(logits.astype(np.float32))
+                    for f in (lambda l: losses.cross_entropy(l, targets, smoothing)[0], one_hot_ce))
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
+    if smoothing:
+        return
+    loss, grads = jax.jit(jax.value_and_grad(
+        lambda p: losses.cross_entropy(var.apply({'params': p}, labels, x), targets)[0].mean()))(tp)
+    np.testing.assert_allclose(loss, golden['train/loss'], rtol=1e-4)
+    ref = dict(jax.tree_util.tree_leaves_with_path(convert.state_dict_to_params(
+        golden_state_dict(golden, 'train/grad/'), jax.eval_shape(lambda: tp), convert._VAR_BUFFERS)))
+    for path, g in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.abs(np.asarray(g) - ref[path]).max() <= 1e-4 * np.abs(ref[path]).max() + 1e-8, jax.tree_util.keystr(path)

@@ -10,7 +10,8 @@ import optax
 import pytest
 from train_worker import _host_init as host_init
 
-from var_jax import train
+from var_jax import trainers
+from var_jax.trainers import loop, tokenizer
 from var_jax.models import lpips
 from var_jax.models.discriminator import PatchDiscriminator
 from var_jax.models.vqvae import VQVAE
@@ -96,14 +97,20 @@ def torch_lpips(state_dict, x, y):
     return total.reshape(-1).numpy()
 
 
-def test_parity_with_pytorch_through_the_pth_loader(state_dict, tmp_path, distance):
+def test_parity_with_pytorch_through_the_pth_converter(state_dict, tmp_path, distance):
     torch = pytest.importorskip('torch')
+    from var_jax import convert
     # The two files as their owners ship them: torchvision's (with a classifier we do not use) and lpips'.
     vgg_file = {k: torch.from_numpy(v) for k, v in state_dict.items() if k.startswith('features.')}
     vgg_file['classifier.6.bias'] = torch.zeros(1000)
     torch.save(vgg_file, tmp_path / lpips.VGG16_FILE)
     torch.save({k: torch.from_numpy(v) for k, v in state_dict.items() if k.startswith('lin')}, tmp_path / lpips.LIN_FILE)
-    params = lpips.load_lpips_params(str(tmp_path))
+    out = tmp_path / 'converted' / 'lpips_vgg.npz'
+    convert.main(['--lpips_vgg16', str(tmp_path / lpips.VGG16_FILE), '--lpips_lin', str(tmp_path / lpips.LIN_FILE),
+                  '--out', str(out)])
+    # The .npz keeps exactly the tensors LPIPS needs (the classifier is dropped).
+    assert sorted(np.load(out).files) == sorted(lpips.vgg16_torch_shapes()) + sorted(lpips.lin_torch_shapes())
+    params = lpips.load_lpips_params(str(out))
 
     x = _images((3, 32, 32, 3), 1)
     y = jnp.clip(x + 0.3 * _images((3, 32, 32, 3), 2), -1, 1)
@@ -113,13 +120,6 @@ def test_parity_with_pytorch_through_the_pth_loader(state_dict, tmp_path, distan
     rel = np.max(np.abs(got - want) / want)
     print(f'LPIPS parity: ours {got}, torch {want}, max relative difference {rel:.2e}')
     assert rel < 1e-5
-
-    # The .npz converter keeps exactly these tensors: the params it gives are bitwise the same.
-    out = tmp_path / 'converted' / 'lpips_vgg.npz'
-    lpips.main(['--vgg16', str(tmp_path / lpips.VGG16_FILE), '--lin', str(tmp_path / lpips.LIN_FILE),
-                '--out', str(out)])
-    assert sorted(np.load(out).files) == sorted(lpips.vgg16_torch_shapes()) + sorted(lpips.lin_torch_shapes())
-    jax.tree.map(np.testing.assert_array_equal, lpips.load_lpips_params(str(out)), params)
 
 
 def test_distance_to_itself_is_zero_with_finite_gradients(params, distance):
@@ -145,10 +145,13 @@ def test_missing_files_are_named_with_where_to_get_them(tmp_path):
         lpips.load_lpips_params(str(tmp_path / 'nope.npz'))
     assert 'nope.npz not found' in str(e.value)
     assert 'https://download.pytorch.org/models/vgg16-397923af.pth' in str(e.value)
-    assert 'lpips/weights/v0.1/vgg.pth' in str(e.value) and 'python -m var_jax.models.lpips' in str(e.value)
-    (tmp_path / lpips.VGG16_FILE).write_bytes(b'')  # a directory with only one of the two files
-    with pytest.raises(FileNotFoundError, match=re.escape(f'{tmp_path / lpips.LIN_FILE} not found')):
+    assert 'lpips/weights/v0.1/vgg.pth' in str(e.value) and 'python -m var_jax.convert --lpips_vgg16' in str(e.value)
+    with pytest.raises(lpips.LPIPSWeightsError, match='is a directory; perceptual_weights_path takes one .npz'):
         lpips.load_lpips_params(str(tmp_path))
+    from var_jax import convert
+    (tmp_path / lpips.VGG16_FILE).write_bytes(b'')  # only one of the two files
+    with pytest.raises(FileNotFoundError, match=re.escape(f'{tmp_path / lpips.LIN_FILE} not found')):
+        convert.convert_lpips(str(tmp_path / lpips.VGG16_FILE), str(tmp_path / lpips.LIN_FILE), str(tmp_path / 'o.npz'))
 
 
 def test_missing_key_and_wrong_shape_are_named(state_dict, tmp_path):
@@ -163,20 +166,23 @@ def test_missing_key_and_wrong_shape_are_named(state_dict, tmp_path):
                        match=r'mis-shaped: features\.28\.weight: file \(512, 256, 3, 3\), expected \(512, 512, 3, 3\)'):
         lpips.load_lpips_params(str(tmp_path / 'shaped.npz'))
     (tmp_path / 'text.npz').write_text('not an archive')
-    with pytest.raises(lpips.LPIPSWeightsError, match='text.npz is not a .npz written by'):
+    with pytest.raises(lpips.LPIPSWeightsError, match='text.npz is not the LPIPS .npz'):
         lpips.load_lpips_params(str(tmp_path / 'text.npz'))
 
 
 def test_wrong_pth_file_is_named(state_dict, tmp_path):
     torch = pytest.importorskip('torch')
+    from var_jax import convert
     vgg = {k: torch.from_numpy(v) for k, v in state_dict.items() if k.startswith('features.')}
-    torch.save(vgg, tmp_path / lpips.VGG16_FILE)
-    torch.save(vgg, tmp_path / lpips.LIN_FILE)  # the VGG weights twice: no linear layers
+    vgg_path, lin_path, out = tmp_path / lpips.VGG16_FILE, tmp_path / lpips.LIN_FILE, str(tmp_path / 'o.npz')
+    torch.save(vgg, vgg_path)
+    torch.save(vgg, lin_path)  # the VGG weights twice: no linear layers
     with pytest.raises(lpips.LPIPSWeightsError, match=r'vgg\.pth does not hold.*\n  5 missing: lin0\.model\.1\.weight'):
-        lpips.load_lpips_params(str(tmp_path))
-    (tmp_path / lpips.LIN_FILE).write_bytes(b'')  # truncated
+        convert.convert_lpips(str(vgg_path), str(lin_path), out)
+    lin_path.write_bytes(b'')  # truncated
     with pytest.raises(lpips.LPIPSWeightsError, match=r'vgg\.pth is not a readable PyTorch state dict'):
-        lpips.load_lpips_params(str(tmp_path))
+        convert.convert_lpips(str(vgg_path), str(lin_path), out)
+    assert not os.path.exists(out)
 
 
 # --- the tokenizer steps --------------------------------------------------------------------------
@@ -187,10 +193,10 @@ def setup():
                   using_sa=False, using_mid_sa=False)
     disc = PatchDiscriminator(ndf=8, n_layers=1)
     image = _images((2, 16, 16, 3), 5)
-    tx, dtx = optax.adam(1e-3), train.make_disc_optimizer(1e-3)
+    tx, dtx = optax.adam(1e-3), tokenizer.make_disc_optimizer(1e-3)
     abstract = lambda model: jax.eval_shape(model.init, jax.random.PRNGKey(0), image)['params']
     disc_params = host_init(abstract(disc), 1, std=0.02)
-    state = train.new_state(host_init(abstract(vqvae), 0), tx, 0) | {'disc_params': disc_params,
+    state = loop.new_state(host_init(abstract(vqvae), 0), tx, 0) | {'disc_params': disc_params,
                                                                       'disc_opt_state': dtx.init(disc_params)}
     return vqvae, disc, tx, dtx, state, {'image': image}
 
@@ -208,28 +214,28 @@ def _state(setup, gan):
 def test_step_adds_the_weighted_perceptual_term(setup, params, distance, gan):
     vqvae, disc, tx, _, _, batch = setup
     state, kw = _state(setup, gan), _step_kw(setup, gan)
-    on = train.make_vae_step(vqvae, tx, L1, L2, **kw, perceptual=lpips.LPIPS(), perceptual_weight=WEIGHT)
+    on = tokenizer.make_step(vqvae, tx, L1, L2, **kw, perceptual=lpips.LPIPS(), perceptual_weight=WEIGHT)
     _, m = jax.jit(on)(state, params, batch)
-    rec = jax.jit(lambda p: vqvae.apply({'params': p}, batch['image'])[0])(state['params'])
-    np.testing.assert_allclose(m['perceptual'], jnp.mean(distance(params, rec, batch['image'])), rtol=1e-6)
-    assert m['perceptual'] > 0
-    adversarial = m['disc_weight_adaptive'] * m['g_loss'] if gan else 0.0
-    np.testing.assert_allclose(m['loss'], L1 * m['rec_l1'] + L2 * m['rec_l2'] + WEIGHT * m['perceptual']
-                               + adversarial + m['vq'], rtol=1e-6)
-    if not gan:  # the same forward pass as without the term: the loss differs by exactly it
-        _, off = jax.jit(train.make_vae_step(vqvae, tx, L1, L2))(state, batch)
-        assert 'perceptual' not in off and off['rec_l1'] == m['rec_l1'] and off['vq'] == m['vq']
-        np.testing.assert_allclose(m['loss'] - off['loss'], WEIGHT * m['perceptual'], rtol=1e-5)
-        return
-    # VQGAN: the perceptual term is part of the nll whose decoder-gradient norm the adaptive weight balances.
+    # The reference, written out here: l1 * L1 + l2 * L2 + weight * mean LPIPS (VQGAN's nll) + the VQ loss.
     x = batch['image']
     rec_of = lambda p: vqvae.apply({'params': p}, x)[0]
     nll = lambda p: (L1 * jnp.mean(jnp.abs(rec_of(p) - x)) + L2 * jnp.mean(jnp.square(rec_of(p) - x))
                      + WEIGHT * jnp.mean(lpips.LPIPS().apply({'params': params}, rec_of(p), x)))
+    vq = lambda p: vqvae.apply({'params': p}, x)[1]
+    rec = jax.jit(rec_of)(state['params'])
+    np.testing.assert_allclose(m['perceptual'], jnp.mean(distance(params, rec, x)), rtol=1e-6)
+    assert m['perceptual'] > 0
+    if not gan:
+        np.testing.assert_allclose(m['loss'], jax.jit(lambda p: nll(p) + vq(p))(state['params']), rtol=1e-5)
+        return
+    # VQGAN: the perceptual term is part of the nll whose decoder-gradient norm the adaptive weight balances.
     g = lambda p: -jnp.mean(disc.apply({'params': state['disc_params']}, rec_of(p)))
     last = lambda grads: jnp.linalg.norm(grads['decoder']['conv_out']['kernel'])
-    gn, gg = jax.jit(lambda p: (last(jax.grad(nll)(p)), last(jax.grad(g)(p))))(state['params'])
-    np.testing.assert_allclose(m['disc_weight_adaptive'], 0.5 * gn / (gg + 1e-4), rtol=1e-4)
+    gn, gg, nll_v, g_v, vq_v = jax.jit(lambda p: (last(jax.grad(nll)(p)), last(jax.grad(g)(p)), nll(p), g(p),
+                                                  vq(p)))(state['params'])
+    w = 0.5 * gn / (gg + 1e-4)
+    np.testing.assert_allclose(m['disc_weight_adaptive'], w, rtol=1e-4)
+    np.testing.assert_allclose(m['loss'], nll_v + w * g_v + vq_v, rtol=1e-5)
 
 
 @pytest.mark.parametrize('gan', [False, True], ids=['plain', 'gan'])
@@ -237,11 +243,11 @@ def test_weight_zero_is_the_program_without_lpips(setup, gan):
     """perceptual_weight 0: no VGG in the program, the step takes no LPIPS params."""
     vqvae, _, tx, _, _, batch = setup
     state, kw = _state(setup, gan), _step_kw(setup, gan)
-    off = train.make_vae_step(vqvae, tx, L1, L2, **kw, perceptual=lpips.LPIPS(), perceptual_weight=0.0)
-    default = train.make_vae_step(vqvae, tx, L1, L2, **kw)
+    off = tokenizer.make_step(vqvae, tx, L1, L2, **kw, perceptual=lpips.LPIPS(), perceptual_weight=0.0)
+    default = tokenizer.make_step(vqvae, tx, L1, L2, **kw)
     assert str(jax.make_jaxpr(off)(state, batch)) == str(jax.make_jaxpr(default)(state, batch))
     with pytest.raises(ValueError, match='needs an LPIPS module'):
-        train.make_vae_step(vqvae, tx, L1, L2, **kw, perceptual_weight=0.1)
+        tokenizer.make_step(vqvae, tx, L1, L2, **kw, perceptual_weight=0.1)
 
 
 # --- the config -----------------------------------------------------------------------------------
@@ -254,6 +260,6 @@ def test_enabled_without_weights_fails_before_training(tmp_path, path, error, na
     config.tokenizer.perceptual_weight = 0.1
     config.tokenizer.perceptual_weights_path = path and str(tmp_path / path)
     with pytest.raises(error, match=named) as e:
-        train.run(config, str(tmp_path / 'work'))
+        trainers.run(config, str(tmp_path / 'work'))
     assert 'download.pytorch.org' in str(e.value)
     assert sorted(os.listdir(tmp_path)) == []  # nothing written: no data, no workdir

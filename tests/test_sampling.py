@@ -13,6 +13,7 @@ import pytest
 
 from var_jax import sampling
 from var_jax.convert import convert_vae, convert_var
+from var_jax.models.resize import resize
 from var_jax.models.var import VAR, begin_ends
 from var_jax.models.vqvae import VQVAE
 
@@ -45,6 +46,12 @@ def _models(t):
     return t.vae, t.vp, t.var, t.tp
 
 
+@pytest.fixture(scope='module')
+def forward(tiny):
+    """The full teacher-forced forward, jitted once for the module's (2, L - 1, Cvae) inputs."""
+    return jax.jit(lambda labels, x: tiny.var.apply({'params': tiny.tp}, labels, x))
+
+
 # ------------------------------------------------------------------------------------------------
 # Golden parity
 # ------------------------------------------------------------------------------------------------
@@ -62,13 +69,13 @@ def test_greedy_sampling_matches_official(tiny, g):
     assert res['images'].dtype == jnp.float32
 
 
-def test_cached_loop_equals_teacher_forced_forward(tiny):
+def test_cached_loop_equals_teacher_forced_forward(tiny, forward):
     vae, vp, var, tp = _models(tiny)
     labels = tiny.z['var_io/label_B']
     res = sampling.teacher_forced(vae, vp, var, tp, labels, tiny.src_idx)
     idx = [jnp.asarray(i) for i in tiny.src_idx]
     x = jax.jit(lambda p, idx: vae.apply({'params': p}, idx, method=VQVAE.idx_to_var_input))(vp, idx)
-    full = np.asarray(jax.jit(var.apply)({'params': tp}, jnp.asarray(labels), x))
+    full = np.asarray(forward(jnp.asarray(labels), x))
     for si, (b, e) in enumerate(begin_ends(PN)):
         np.testing.assert_allclose(np.asarray(res['logits'][si]), full[:, b:e], atol=1e-5, rtol=0)
         np.testing.assert_array_equal(np.asarray(res['idx'][si]), tiny.src_idx[si])
@@ -89,28 +96,45 @@ def test_new_labels_key_and_cfg_do_not_retrace(tiny):
     assert c['labels'].shape == (2,) and 0 <= int(c['labels'].min()) and int(c['labels'].max()) < 10
 
 
-def test_more_smooth_uses_gumbel_soft_embeddings(tiny):
-    """f_hat is built from softmax((masked * (1 + ratio) + g) / tau) @ codebook, tau per the official schedule."""
+def test_more_smooth_uses_gumbel_soft_embeddings(tiny, forward):
+    """The smoothed f_hat and every scale's logits against a float64 NumPy re-derivation of the official code.
+
+    Official (`autoregressive_infer_cfg`, more_smooth=True): gum_t = max(0.27 * (1 - ratio * 0.95), 0.005) and
+    h = gumbel_softmax_with_rng(masked_logits * (1 + ratio), tau=gum_t, hard=False) @ embedding, with
+    gumbels = -log(Exp(1)) = -log(-log(u)); the next scale's logits see the f_hat built from these h.
+    Only the uniforms u come from the sampler (its documented per-scale key split); the rest is recomputed here.
+    """
     vae, vp, var, tp = _models(tiny)
-    key = jax.random.PRNGKey(3)
-    res = sampling.sample(vae, vp, var, tp, np.array([4, 9]), key, cfg=2.0, top_k=3, more_smooth=True,
-                          return_logits=True)
+    key, labels, cfg, k = jax.random.PRNGKey(3), np.array([4, 9]), 2.0, 3
+    res = sampling.sample(vae, vp, var, tp, labels, key, cfg=cfg, top_k=k, more_smooth=True, return_logits=True)
     codebook = np.asarray(vp['quantize']['embedding'], np.float64)
-    keys = jax.random.split(key, len(PN))
-    f_hat = 0.0
+    K, B, Cv = len(PN), len(labels), codebook.shape[1]
+    keys = jax.random.split(key, K)
+    f_hat, fhats = 0.0, []
     for si, pn in enumerate(PN):
-        ratio = si / (len(PN) - 1)
+        ratio = si / (K - 1)
         lg = np.asarray(res['logits'][si], np.float64)
-        masked = np.where(lg < np.sort(lg, -1)[..., -3:-2], -np.inf, lg)
+        masked = np.where(lg < np.sort(lg, -1)[..., -k:-k + 1], -np.inf, lg)  # official top-k: < k-th largest out
         assert np.isfinite(np.take_along_axis(masked, np.asarray(res['idx'][si])[..., None], -1)).all()
-        g = np.asarray(jax.random.gumbel(jax.random.split(keys[si])[1], lg.shape), np.float64)
-        tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-        y = (masked * (1 + ratio) + g) / tau
+        u = jax.random.uniform(jax.random.split(keys[si])[1], lg.shape, jnp.float32, np.finfo(np.float32).tiny, 1.0)
+        gumbels = -np.log(-np.log(np.asarray(u, np.float64)))
+        gum_t = max(0.27 * (1 - ratio * 0.95), 0.005)
+        y = (masked * (1 + ratio) + gumbels) / gum_t
         y = np.exp(y - y.max(-1, keepdims=True))
-        h = (y / y.sum(-1, keepdims=True)) @ codebook
-        f_hat = f_hat + vae.apply({'params': vp}, jnp.asarray(h.reshape(2, pn, pn, -1), jnp.float32), si,
+        h = (y / y.sum(-1, keepdims=True)) @ codebook  # soft (hard=False) Gumbel-softmax @ embedding
+        f_hat = f_hat + vae.apply({'params': vp}, jnp.asarray(h.reshape(B, pn, pn, Cv), jnp.float32), si,
                                   method=lambda m, h, si: m.quantize.upsample_and_phi(h, si))
+        fhats.append(f_hat)
     np.testing.assert_allclose(np.asarray(res['f_hat']), np.asarray(f_hat), atol=1e-4)
+    # The logits the sampler used are the model's on that soft f_hat: the full forward of [cond; null] on the
+    # area-downsampled running f_hat, guided with t = cfg * ratio.
+    x = jnp.concatenate([resize(fhats[si], (PN[si + 1],) * 2, 'area').reshape(B, -1, Cv) for si in range(K - 1)], 1)
+    cond = np.asarray(forward(jnp.asarray(labels), x), np.float64)
+    uncond = np.asarray(forward(jnp.full_like(labels, var.num_classes), x), np.float64)
+    for si, (b, e) in enumerate(begin_ends(PN)):
+        t = cfg * si / (K - 1)
+        np.testing.assert_allclose(np.asarray(res['logits'][si]), (1 + t) * cond[:, b:e] - t * uncond[:, b:e],
+                                   atol=1e-4, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -271,15 +295,14 @@ def test_edit_keep_all_reconstructs_and_class_conditional(tiny):
 # Input validation
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(labels=np.array([0, 10])), 'labels must be in'),
-    (dict(labels=np.array([-1, 2])), 'labels must be in'),
+    (dict(labels=np.array([0, 11])), 'labels must be in'),  # 10 is the null class
     (dict(labels=np.array([[1, 2]])), '1-D'),
     (dict(labels=None), 'batch_size'),
     (dict(cfg=-0.5), 'cfg'),
     (dict(top_p=1.5), 'top_p'),
     (dict(top_p=-0.1), 'top_p'),
     (dict(top_k=-1), 'top_k'),
-    (dict(top_k=65), 'top_k'),
+    (dict(top_k=65), 'top_k=65 exceeds the vocabulary size 64'),
     (dict(temperature=0.0), 'temperature'),
     (dict(temperature=-1.0), 'temperature'),
 ])
@@ -310,3 +333,58 @@ def test_edit_rejects_bad_inputs(tiny, what, match):
         kw = dict(top_p=2.0)
     with pytest.raises(ValueError, match=match):
         sampling.edit(*_models(tiny), image, mask, labels, 0, **kw)
+
+
+def test_unhashable_or_swapped_models_get_the_friendly_error(tiny):
+    vae, vp, var, tp = _models(tiny)
+    listy = vae.clone(patch_nums=list(PN))  # unhashable: a cached compiled loop would raise a bare TypeError
+    with pytest.raises(ValueError, match='tuples .*not lists'):
+        sampling.sample(listy, vp, var, tp, np.array([1, 2]), 0)
+    with pytest.raises(ValueError, match='tuples .*not lists'):
+        sampling.edit(vae, vp, var.clone(patch_nums=list(PN)), tp, tiny.image, np.ones((8, 8)))
+    with pytest.raises(ValueError, match=r'expected \(vqvae, vae_params, var, var_params\)'):
+        sampling.sample(var, tp, vae, vp, np.array([1, 2]), 0)
+
+
+def test_negative_label_is_the_null_class(tiny):
+    """As the official sampler reads a negative int label: unconditional, so its logits do not depend on cfg."""
+    models = _models(tiny)
+    kw = dict(top_k=1, return_logits=True)  # the greedy tests' compiled configuration
+    guided = sampling.sample(*models, np.array([-1, 3]), 5, cfg=3.0, **kw)
+    plain = sampling.sample(*models, np.array([-1, 3]), 5, cfg=0.0, **kw)
+    as_int = sampling.sample(*models, -2, 5, cfg=3.0, batch_size=2, **kw)
+    assert np.asarray(guided['labels']).tolist() == [10, 3] and np.asarray(as_int['labels']).tolist() == [10, 10]
+    for si in range(1, len(PN)):  # cond == uncond for the null class: (1 + t) u - t u = u for every t
+        g, p = np.asarray(guided['logits'][si]), np.asarray(plain['logits'][si])
+        np.testing.assert_allclose(g[0], p[0], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.asarray(as_int['logits'][si])[1], g[0], atol=1e-4, rtol=0)
+        assert np.abs(g[1] - p[1]).max() > 1e-2  # a real class is guided
+    np.testing.assert_array_equal(np.asarray(guided['idx'][-1])[0], np.asarray(as_int['idx'][-1])[1])
+
+
+def test_top_k_above_the_vocabulary_is_refused():
+    """The official torch.topk raises for k > V; k == V keeps everything."""
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 64)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(sampling.filter_logits(x, top_k=64)), np.asarray(x))
+    with pytest.raises(ValueError, match='top_k=65 exceeds the vocabulary size 64'):
+        sampling.filter_logits(x, top_k=65)
+
+
+def test_parse_labels():
+    np.testing.assert_array_equal(sampling.parse_labels('', 5, 3), [0, 1, 2, 0, 1])
+    np.testing.assert_array_equal(sampling.parse_labels('7', 3, 10), [7, 7, 7])
+    np.testing.assert_array_equal(sampling.parse_labels('1, 2,-1', 4, 10), [1, 2, -1, 1])
+    with pytest.raises(ValueError, match='sample.labels=.*comma-separated'):
+        sampling.parse_labels('cat', 4, 10)
+
+
+def test_sampling_imports_no_api_training_or_tensorflow():
+    """Layering: the sampler builds on the models only (DESIGN.md), so it stays importable without TF."""
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(sampling))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {f'{n.module}.{a.name}' for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+    bad = {m for m in names if m.startswith(('var_jax.api', 'var_jax.trainers', 'var_jax.generate', 'var_jax.optim',
+                                             'var_jax.input', 'tensorflow'))}
+    assert not bad and any(m.startswith('var_jax.models') for m in names), sorted(names)

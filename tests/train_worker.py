@@ -3,9 +3,9 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
         python tests/train_worker.py sharded OUT_DIR
 
-Runs train.make_var_step for two steps on the same tiny VQVAE + VAR, the same initial state and the
+Runs transformer.make_step for two steps on the same tiny VQVAE + VAR, the same initial state and the
 same batch under four meshes (1 device; 4-way data parallel; FSDP 2 and 4 with every param
-split that has a divisible dimension), jitted as train.fit does. Then, reusing the 1-device
+split that has a divisible dimension), jitted as loop.fit does. Then, reusing the 1-device
 executable (same shapes, no new compile), checks the non-finite guard. Saves the FSDP-4 final
 state with var_jax.checkpoint.Checkpointer in OUT_DIR/ckpt (restored on 1 device by the pytest
 process), every number the tests need in OUT_DIR/result.json and that state in OUT_DIR/arrays.npz.
@@ -53,9 +53,9 @@ def _host_init(abstract, seed, std=None):
 def build():
     """(vqvae, var, tx, vae_params, var_params, batch, token_weights), all deterministic numpy."""
     import jax.numpy as jnp
-    from var_jax import api, train
+    from var_jax import api, optim
     vqvae, var = api.build_models(VAE, VAR)
-    tx = train.make_optimizer(ml_collections.ConfigDict(OPTIM), TOTAL_STEPS, BATCH)
+    tx = optim.make_optimizer(ml_collections.ConfigDict(OPTIM), TOTAL_STEPS, BATCH)
     R, L = vqvae.image_size, sum(p * p for p in var.patch_nums)
     key = jax.random.PRNGKey(SEED)
     vae_params = _host_init(jax.eval_shape(vqvae.init, key, jnp.zeros((1, R, R, 3)))['params'], 1)
@@ -94,15 +94,16 @@ def _sds(tree, sharding):
 
 def sharded_steps(out_dir):
     from concurrent.futures import ThreadPoolExecutor
-    from var_jax import sharding, train
+    from var_jax import sharding
+    from var_jax.trainers import loop, transformer
     from var_jax.checkpoint import Checkpointer
     vqvae, var, tx, vae_params, var_params, batch, weights = build()
-    host_state = jax.device_get(train.new_state(var_params, tx, SEED))
-    step = train.make_var_step(vqvae, var, tx, label_smoothing=0.0)
+    host_state = jax.device_get(loop.new_state(var_params, tx, SEED))
+    step = transformer.make_step(vqvae, var, tx, label_smoothing=0.0)
     devices = jax.devices()
 
     def compile_for(spec):
-        """Jitted as train.fit does; min_size=1 splits every leaf that has a dimension divisible by fsdp."""
+        """Jitted as loop.fit does; min_size=1 splits every leaf that has a dimension divisible by fsdp."""
         name, n, fsdp = spec
         mesh = sharding.make_mesh(fsdp, devices[:n])
         shardings = sharding.param_sharding(mesh, host_state, min_size=1)
@@ -129,7 +130,7 @@ def sharded_steps(out_dir):
         for _ in range(NUM_STEPS):
             state, m = fn(state, *args)
             metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
-        qkv = state['params']['blocks_0']['attn']['mat_qkv']['kernel']
+        qkv = state['params']['blocks']['attn']['mat_qkv']['kernel']  # stacked: (depth, C, 3C)
         res['meshes'][name] = dict(
             mesh_shape=dict(state['step'].sharding.mesh.shape), metrics=metrics,
             qkv_spec=str(tuple(qkv.sharding.spec)), qkv_shard_shape=list(qkv.addressable_shards[0].data.shape),
@@ -158,7 +159,7 @@ def sharded_steps(out_dir):
         return dict(loss=float(m['loss']), grad_norm=float(m['grad_norm']), nonfinite=bool(after['nonfinite']),
                     params_unchanged=_tree_equal(after['params'], state_host['params']),
                     opt_state_unchanged=_tree_equal(after['opt_state'], state_host['opt_state']),
-                    step=int(after['step']), data_position=int(after['data_position'])), after
+                    step=int(after['step'])), after
 
     guard = {}
     guard['finite'], _ = guarded_step(host_state)
@@ -177,8 +178,8 @@ def sharded_steps(out_dir):
 
 
 def main_paused(stage, pause_at, argv):
-    """main.py with its own flags, except that `stage` sleeps after its step `pause_at` (once its
-    newest checkpoint is on disk), so that the test's SIGKILL lands mid-run for sure."""
+    """main.py with its own flags, except that `stage` waits after its step `pause_at` (once its newest
+    checkpoint is on disk), so that the test's SIGKILL or SIGTERM lands mid-run for sure."""
     import time
     from absl import app
     from var_jax import checkpoint
@@ -189,13 +190,34 @@ def main_paused(stage, pause_at, argv):
         if step == pause_at and os.path.basename(os.path.dirname(self.directory)) == stage:
             self.wait()
             print(f'PAUSED at step {step}', flush=True)
-            time.sleep(600)
+            deadline = time.time() + 600
+            while not self.preempted and time.time() < deadline:  # until SIGKILL, or SIGTERM's flag
+                time.sleep(0.05)
         return out
 
     checkpoint.Checkpointer.save = paused_save
     sys.argv = [os.path.join(REPO, 'main.py')] + argv
     import main as main_module
-    app.run(main_module.main)
+    app.run(main_module.main, flags_parser=main_module.parse_flags)
+
+
+def main_interrupted(stage, at, argv):
+    """main.py with its own flags, except that Ctrl-C (KeyboardInterrupt) arrives right after `stage` has
+    started writing its checkpoint of step `at` asynchronously: the save is still in flight."""
+    from absl import app
+    from var_jax import checkpoint
+    save = checkpoint.Checkpointer.save
+
+    def interrupted_save(self, step, state, force=False):
+        out = save(self, step, state, force)
+        if step == at and os.path.basename(os.path.dirname(self.directory)) == stage:
+            raise KeyboardInterrupt
+        return out
+
+    checkpoint.Checkpointer.save = interrupted_save
+    sys.argv = [os.path.join(REPO, 'main.py')] + argv
+    import main as main_module
+    app.run(main_module.main, flags_parser=main_module.parse_flags)
 
 
 if __name__ == '__main__':
@@ -203,5 +225,7 @@ if __name__ == '__main__':
         sharded_steps(sys.argv[2])
     elif sys.argv[1] == 'main_paused':
         main_paused(sys.argv[2], int(sys.argv[3]), sys.argv[4:])
+    elif sys.argv[1] == 'main_interrupted':
+        main_interrupted(sys.argv[2], int(sys.argv[3]), sys.argv[4:])
     else:
         raise SystemExit(f'usage: {sys.argv[0]} sharded OUT_DIR | main_paused STAGE STEP MAIN_FLAGS...')

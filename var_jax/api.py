@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax import convert
+from var_jax import checkpoint, convert
 from var_jax.models.var import VAR
 from var_jax.models.vqvae import VQVAE
 
@@ -67,7 +67,7 @@ def load_official(vae_path: str, var_path: Optional[str] = None, patch_nums: Seq
 
 def load_pretrained(ckpt_dir: str):
     """A directory written by `python -m var_jax.convert` -> (vqvae, vae_params, var, var_params)."""
-    cfg, params = convert.load_pretrained(ckpt_dir)
+    cfg, params = checkpoint.load_pretrained(ckpt_dir)
     if 'var' not in cfg:
         return VQVAE(**cfg['vae']), params['vae'], None, None
     vqvae, var = build_models(cfg['vae'], cfg['var'])

@@ -11,7 +11,6 @@ torch is imported only to read .pth files:
     python -m var_jax.convert --vae vae_ch160v4096z32.pth --var var_d16.pth --out DIR
 """
 import argparse
-import json
 import os
 import re
 from typing import Mapping, Optional, Sequence
@@ -21,12 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from var_jax import checkpoint
+from var_jax.fileio import atomic_write
+from var_jax.models import inception, lpips
 from var_jax.models.quantizer import validate_patch_nums
-from var_jax.models.var import VAR, block_causal_mask, level_ids
+from var_jax.models.var import (BLOCKS, PATCH_NUMS_256, PATCH_NUMS_512, VAR, block_causal_mask, level_ids,
+                                stack_blocks, unstack_blocks, var_config_for_depth)
 from var_jax.models.vqvae import VQVAE
 
-PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
 # Official module paths -> ours (applied in order; remaining dots become path separators).
 _RENAMES = (
@@ -80,7 +81,15 @@ def _convert_leaf(value: np.ndarray, leaf: str, shape: tuple) -> Optional[np.nda
 
 
 def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params, buffers: re.Pattern) -> dict:
-    """Maps every official key onto `abstract_params` (a pytree of shapes); raises one report."""
+    """Maps every official key onto `abstract_params` (a pytree of shapes); raises one report.
+
+    VAR's stacked blocks ({'blocks': (depth, ...)}) are matched per block (blocks_<i>, as the official
+    blocks.<i>) and stacked at the end.
+    """
+    stacked = BLOCKS in abstract_params
+    if stacked:
+        abstract_params = unstack_blocks(jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype),
+                                                      abstract_params))
     expected = {'/'.join(k): v.shape for k, v in traverse_util.flatten_dict(abstract_params).items()}
     out, unexpected, misshaped = {}, [], []
     for key, value in state_dict.items():
@@ -111,7 +120,8 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params, 
         lines.append('check that the file is an official VAR/VQVAE state dict and that patch_nums '
                      '(--patch_nums) matches the model (256 px: 1..16, 512 px: 1..32)')
         raise CheckpointMismatchError('\n'.join(lines))
-    return traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in out.items()})
+    params = traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in out.items()})
+    return stack_blocks(params) if stacked else params
 
 
 def _count_indices(state_dict, pattern: str) -> int:
@@ -154,13 +164,23 @@ def infer_var_config(state_dict, patch_nums: Sequence[int] = PATCH_NUMS_256,
                      num_heads: Optional[int] = None) -> dict:
     """VAR constructor arguments from the keys and shapes of an official VAR state dict.
 
-    Heads come from scale_mul_1H11 when present (l2-norm attention); otherwise from num_heads or
-    the official head width 64.
+    The head count is read off scale_mul_1H11 (l2-norm attention, every official model). Without it no
+    tensor fixes the head count, so `num_heads` must be given: guessing would give wrong logits.
     """
     _require(state_dict, 'word_embed.weight', 'class_emb.weight', 'head.weight', 'blocks.0.ffn.fc1.weight')
     C, cvae = state_dict['word_embed.weight'].shape
     l2 = 'blocks.0.attn.scale_mul_1H11' in state_dict
-    heads = state_dict['blocks.0.attn.scale_mul_1H11'].shape[1] if l2 else (num_heads or max(C // 64, 1))
+    if l2:
+        heads = int(state_dict['blocks.0.attn.scale_mul_1H11'].shape[1])
+        if num_heads is not None and num_heads != heads:
+            raise CheckpointMismatchError(f'num_heads={num_heads} but the checkpoint\'s scale_mul_1H11 has {heads} '
+                                          f'heads; drop --num_heads')
+    elif num_heads is None:
+        raise CheckpointMismatchError(
+            'this VAR has attention without l2 norm (no blocks.*.attn.scale_mul_1H11), so its head count cannot '
+            'be read off the tensors; pass num_heads (--num_heads; the official family uses num_heads = depth)')
+    else:
+        heads = num_heads
     depth = _count_indices(state_dict, r'^blocks\.(\d+)\.')
     return dict(
         vocab_size=int(state_dict['head.weight'].shape[0]), cvae=int(cvae),
@@ -168,7 +188,7 @@ def infer_var_config(state_dict, patch_nums: Sequence[int] = PATCH_NUMS_256,
         depth=depth, embed_dim=int(C), num_heads=int(heads),
         mlp_ratio=state_dict['blocks.0.ffn.fc1.weight'].shape[0] / C,
         shared_aln='shared_ada_lin.1.weight' in state_dict, attn_l2_norm=l2,
-        drop_path_rate=0.1 * depth / 24, patch_nums=validate_patch_nums(patch_nums))
+        drop_path_rate=var_config_for_depth(depth)['drop_path_rate'], patch_nums=validate_patch_nums(patch_nums))
 
 
 def _abstract_params(model, *args):
@@ -218,65 +238,112 @@ def convert_var(state_dict, patch_nums: Sequence[int] = PATCH_NUMS_256, num_head
     return cfg, params
 
 
-def _as_json(cfg: dict) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+def default_patch_nums(var_state_dict=None) -> tuple:
+    """The official scale schedule a VAR state dict was trained with: the 512-px one for its 2240 tokens
+    (VAR-d36), else (or without a VAR) the 256-px one."""
+    pos = None if var_state_dict is None else var_state_dict.get('pos_1LC')
+    if pos is not None and pos.shape[1] == sum(p * p for p in PATCH_NUMS_512):
+        return PATCH_NUMS_512
+    return PATCH_NUMS_256
 
 
-def save_pretrained(out_dir: str, vae_cfg: dict, vae_params, var_cfg: Optional[dict] = None, var_params=None):
-    """Writes params as an orbax checkpoint (out_dir/params) and the model config (out_dir/model.json)."""
-    import orbax.checkpoint as ocp
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    tree = {'vae': vae_params} | ({'var': var_params} if var_params is not None else {})
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(out_dir, 'params'), tree, force=True)
-    cfg = {'vae': _as_json(vae_cfg)} | ({'var': _as_json(var_cfg)} if var_cfg is not None else {})
-    tmp = os.path.join(out_dir, 'model.json.tmp')
-    with open(tmp, 'w') as f:
-        json.dump(cfg, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, 'model.json'))
+# --- LPIPS-VGG (the tokenizer's perceptual loss) ----------------------------------------------
+def _read_lpips_pth(path: str) -> dict:
+    try:
+        return load_torch_state_dict(path)
+    except ImportError:
+        raise
+    except Exception as e:  # torch.load's errors: truncated file, not a state dict, ...
+        raise lpips.LPIPSWeightsError(f'{path} is not a readable PyTorch state dict ({type(e).__name__}: {e}). '
+                                      f'{lpips.WHERE_TO_GET}') from e
 
 
-def load_pretrained(ckpt_dir: str):
-    """Reads what `save_pretrained` wrote: ({'vae': kwargs, 'var': kwargs}, {'vae': params, 'var': params})."""
-    import orbax.checkpoint as ocp
-    ckpt_dir = os.path.abspath(ckpt_dir)
-    cfg_path = os.path.join(ckpt_dir, 'model.json')
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f'{cfg_path} not found: {ckpt_dir} is not a converted checkpoint; '
-                                f'create one with python -m var_jax.convert --vae ... --var ... --out {ckpt_dir}')
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    cfg = {name: {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()} for name, c in cfg.items()}
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(os.path.join(ckpt_dir, 'params'))
-    return cfg, params
+def convert_lpips(vgg16_path: str, lin_path: str, out_path: str) -> None:
+    """Checks the two LPIPS-VGG .pth files and writes their tensors (torch keys and layouts) to one .npz,
+    the file `tokenizer.perceptual_weights_path` takes."""
+    missing = [p for p in (vgg16_path, lin_path) if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f'{" and ".join(missing)} not found. {lpips.WHERE_TO_GET}')
+    vgg, lin = _read_lpips_pth(vgg16_path), _read_lpips_pth(lin_path)
+    lpips.check_tensors(vgg, lpips.vgg16_torch_shapes(), vgg16_path)
+    lpips.check_tensors(lin, lpips.lin_torch_shapes(), lin_path)
+    tensors = {k: vgg[k] for k in lpips.vgg16_torch_shapes()} | {k: lin[k] for k in lpips.lin_torch_shapes()}
+    with atomic_write(out_path) as tmp:
+        np.savez(tmp, **tensors)
 
 
+# --- the FID Inception (evaluation) ------------------------------------------------------------
+_INCEPTION_BUFFERS = re.compile(r'.*\.num_batches_tracked$')
+
+
+def convert_inception(state_dict) -> dict:
+    """pytorch-fid's FID Inception state dict (pt_inception-2015-12-05-6726825d.pth) -> InceptionV3 params.
+
+    torch names map one to one (bn.weight -> bn/scale, fc.weight -> fc/kernel); conv OIHW -> HWIO.
+    """
+    try:
+        return state_dict_to_params(state_dict, inception.abstract_params(), _INCEPTION_BUFFERS)
+    except CheckpointMismatchError as e:  # replace the VAR-specific hint of the report
+        report = str(e).rsplit('\n', 1)[0]
+        raise CheckpointMismatchError(f'{report}\nnot the FID Inception. {inception.WHERE_TO_GET}') from None
+
+
+def save_inception(pth_path: str, out_path: str) -> None:
+    """Converts the FID Inception .pth once to the .npz that `config.eval.inception_path` takes."""
+    if not os.path.isfile(pth_path):
+        raise FileNotFoundError(f'{pth_path} not found. {inception.WHERE_TO_GET}')
+    if not out_path.endswith('.npz'):
+        raise ValueError(f'--out {out_path}: the converted Inception is one .npz file; name it *.npz')
+    params = convert_inception(load_torch_state_dict(pth_path))
+    with atomic_write(out_path) as tmp:
+        np.savez(tmp, **inception.flatten_params(params))
+
+
+# --- the command line ---------------------------------------------------------------------------
 def main(argv=None):
-    p = argparse.ArgumentParser(description='Convert official VAR checkpoints (.pth) to a var_jax checkpoint.')
-    p.add_argument('--vae', required=True, help='official VQVAE state dict, e.g. vae_ch160v4096z32.pth')
+    p = argparse.ArgumentParser(
+        description='Convert official PyTorch weights (.pth) to var_jax files: VQVAE (+ VAR) to a params '
+                    'directory (--vae [--var] --out DIR), or the LPIPS-VGG weights to one .npz '
+                    '(--lpips_vgg16 --lpips_lin --out FILE.npz).')
+    p.add_argument('--vae', help='official VQVAE state dict, e.g. vae_ch160v4096z32.pth')
     p.add_argument('--var', help='official VAR state dict, e.g. var_d16.pth')
-    p.add_argument('--out', required=True, help='output directory (orbax params + model.json)')
+    p.add_argument('--out', required=True, help='output directory (orbax params + model.json) or .npz')
     p.add_argument('--patch_nums', default=None,
                    help='comma-separated scale sides; default: the 256-px schedule (the 512-px one for L=2240)')
+    p.add_argument('--num_heads', type=int, default=None,
+                   help='heads of a VAR without l2-norm attention (its tensors do not fix the count)')
+    p.add_argument('--lpips_vgg16', help=f'torchvision VGG16 state dict, {lpips.VGG16_FILE}')
+    p.add_argument('--lpips_lin', help=f'the lpips package\'s weights/v0.1/{lpips.LIN_FILE}')
+    p.add_argument('--inception', help=f'the FID Inception of pytorch-fid, {inception.PTH_FILE} (--out FILE.npz)')
     args = p.parse_args(argv)
+    if args.inception:
+        if args.vae or args.var or args.lpips_vgg16 or args.lpips_lin:
+            p.error('--inception converts the FID Inception on its own: give only --inception and --out FILE.npz')
+        save_inception(args.inception, args.out)
+        print(f'wrote {args.out}')
+        return
+    if args.lpips_vgg16 or args.lpips_lin:
+        if not (args.lpips_vgg16 and args.lpips_lin) or args.vae or args.var:
+            p.error('LPIPS conversion takes both --lpips_vgg16 and --lpips_lin (and no --vae/--var)')
+        convert_lpips(args.lpips_vgg16, args.lpips_lin, args.out)
+        print(f'wrote {args.out}')
+        return
+    if not args.vae:
+        p.error('give --vae (and optionally --var), or --lpips_vgg16 and --lpips_lin')
     var_sd = load_torch_state_dict(args.var) if args.var else None
-    if args.patch_nums:
-        pns = tuple(int(x) for x in args.patch_nums.split(','))
-    elif var_sd is not None and 'pos_1LC' in var_sd and var_sd['pos_1LC'].shape[1] == sum(p * p for p in PATCH_NUMS_512):
-        pns = PATCH_NUMS_512
-    else:
-        pns = PATCH_NUMS_256
+    pns = tuple(int(x) for x in args.patch_nums.split(',')) if args.patch_nums else default_patch_nums(var_sd)
     vae_cfg, vae_params = convert_vae(load_torch_state_dict(args.vae), pns)
-    var_cfg, var_params = convert_var(var_sd, pns) if var_sd is not None else (None, None)
-    if var_cfg and (var_cfg['vocab_size'], var_cfg['cvae']) != (vae_cfg['vocab_size'], vae_cfg['z_channels']):
-        raise CheckpointMismatchError(
-            f"the VAR expects vocabulary {var_cfg['vocab_size']} and Cvae {var_cfg['cvae']} but the VQVAE has "
-            f"{vae_cfg['vocab_size']} and {vae_cfg['z_channels']}: use the tokenizer it was trained with")
-    save_pretrained(args.out, vae_cfg, vae_params, var_cfg, var_params)
-    n = sum(x.size for x in jax.tree.leaves({'vae': vae_params, 'var': var_params}))
-    print(f'wrote {args.out}: {n:,} parameters; VQVAE {vae_cfg}; VAR {var_cfg}')
+    cfgs, params = {'vae': vae_cfg}, {'vae': vae_params}
+    if var_sd is not None:
+        var_cfg, params['var'] = convert_var(var_sd, pns, args.num_heads)
+        cfgs['var'] = var_cfg
+        if (var_cfg['vocab_size'], var_cfg['cvae']) != (vae_cfg['vocab_size'], vae_cfg['z_channels']):
+            raise CheckpointMismatchError(
+                f"the VAR expects vocabulary {var_cfg['vocab_size']} and Cvae {var_cfg['cvae']} but the VQVAE has "
+                f"{vae_cfg['vocab_size']} and {vae_cfg['z_channels']}: use the tokenizer it was trained with")
+    checkpoint.save_pretrained(args.out, cfgs, params)
+    n = sum(x.size for x in jax.tree.leaves(params))
+    print(f'wrote {args.out}: {n:,} parameters; ' + '; '.join(f'{k.upper()} {v}' for k, v in cfgs.items()))
 
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax import api, sampling, sharding
+from var_jax.fileio import atomic_write
 from var_jax.images import save_png
 from var_jax.models.vqvae import VQVAE
 
@@ -31,18 +32,6 @@ def load_models(config, workdir: str):
         f'--config.init_from to a directory written by python -m var_jax.convert --vae ... --var ...')
 
 
-def parse_labels(spec: str, num_images: int, num_classes: int) -> np.ndarray:
-    """'' -> 0, 1, 2, ... cycled (a grid num_classes wide has one class per column); '3' -> all 3;
-    '1,2,3' -> cycled to num_images."""
-    if not spec:
-        return (np.arange(num_images) % num_classes).astype(np.int32)
-    try:
-        values = [int(x) for x in str(spec).split(',') if x.strip()]
-    except ValueError:
-        raise ValueError(f'sample.labels={spec!r}: give comma-separated class indices, e.g. "1,2,3"') from None
-    return np.resize(np.asarray(values, np.int32), num_images)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _progression(vqvae: VQVAE, vae_params, idx):
     m = vqvae.bind({'params': vae_params})
@@ -59,7 +48,8 @@ def run(config, workdir: str):
     from tqdm import tqdm
     s = config.sample
     vqvae, vae_params, var, var_params = load_models(config, workdir)
-    labels = parse_labels(s.labels, s.num_images, var.num_classes)  # sampling.sample checks the range
+    labels = sampling.parse_labels(s.labels, s.num_images, var.num_classes)  # sample() checks the range
+    labels = np.where(labels < 0, var.num_classes, labels)  # negative = the null class, as sample() reads it
     mesh = sharding.make_mesh(1)
     n_dev = jax.device_count()
     batch = max(n_dev, -(-min(s.batch_size, s.num_images) // n_dev) * n_dev)  # a multiple of the devices
@@ -86,8 +76,7 @@ def run(config, workdir: str):
     # One row per image, one column per scale (coarse to fine).
     steps = save_png(os.path.join(out_dir, 'progression.png'),
                      prog.transpose(1, 0, 2, 3, 4).reshape(-1, *prog.shape[2:]), ncols=len(var.patch_nums))
-    tmp = os.path.join(out_dir, 'tokens.tmp.npz')
-    np.savez(tmp, labels=labels, **{f'idx_{si:02d}': x for si, x in enumerate(idx)})
-    os.replace(tmp, os.path.join(out_dir, 'tokens.npz'))
+    with atomic_write(os.path.join(out_dir, 'tokens.npz')) as tmp:
+        np.savez(tmp, labels=labels, **{f'idx_{si:02d}': x for si, x in enumerate(idx)})
     print(f'wrote {grid}, {steps} and {os.path.join(out_dir, "tokens.npz")} ({len(labels)} images)')
     return images, idx

@@ -21,6 +21,7 @@ Differences from the official code, all deliberate:
 - top-p keeps every token tied with the smallest surviving logit (the official scatter
   removes an arbitrary subset of such ties); for untied logits the result is identical.
 - `temperature` is an addition (1.0 = official): logits are divided by it before filtering.
+- A negative label means the null class in label arrays too (the official code maps a negative int label).
 """
 import functools
 import math
@@ -31,7 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax import api
+from var_jax.models.var import VAR
+from var_jax.models.vqvae import VQVAE
 
 _TRACES = [0]  # incremented each time the scale loop is traced; tests use it to catch retraces.
 
@@ -73,7 +75,9 @@ def filter_logits(logits, *, top_k: int = 0, top_p=0.0, temperature=1.0, use_top
     V = logits.shape[-1]
     if use_top_p is None:
         use_top_p = float(top_p) > 0
-    if top_k >= V:  # keeps everything
+    if top_k > V:  # torch.topk in the official sampler raises here too
+        raise ValueError(f'top_k={top_k} exceeds the vocabulary size {V}; use top_k <= {V} (or 0 = off)')
+    if top_k == V:  # keeps everything
         top_k = 0
     if top_k <= 0 and not use_top_p:
         return logits
@@ -139,7 +143,8 @@ def _scale_loop(vqvae, var, top_k, use_top_p, more_smooth, return_logits,
                                     use_top_p=use_top_p)
         if more_smooth:  # soft Gumbel embedding of the masked logits (the official visual-only mode)
             tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
-            g = jax.random.gumbel(k_gumbel, masked.shape, jnp.float32)
+            u = jax.random.uniform(k_gumbel, masked.shape, jnp.float32, jnp.finfo(jnp.float32).tiny, 1.0)
+            g = -jnp.log(-jnp.log(u))  # Gumbel(0, 1) as the official -log(Exp(1)), Exp(1) = -log(u)
             h = jax.nn.softmax((masked * (1 + ratio) + g) / tau, axis=-1) @ codebook
         else:
             h = jnp.take(codebook, idx, axis=0)
@@ -167,16 +172,19 @@ def _compiled_loop(vqvae, var, top_k: int, use_top_p: bool, more_smooth: bool, r
     return jax.jit(functools.partial(_scale_loop, vqvae, var, top_k, use_top_p, more_smooth, return_logits))
 
 
-@functools.lru_cache(maxsize=8)
 # ------------------------------------------------------------------------------------------------
 # Validation (outside jit, so errors are plain Python exceptions with readable messages)
 # ------------------------------------------------------------------------------------------------
 def _check_models(vqvae, var):
+    """Runs before any cached or jitted function, which would raise a bare TypeError on unhashable models."""
+    if not (isinstance(vqvae, VQVAE) and isinstance(var, VAR)):
+        raise ValueError(f'expected (vqvae, vae_params, var, var_params), a VQVAE and a VAR; got {type(vqvae).__name__}'
+                         f' and {type(var).__name__} (load them with var_jax.load_pretrained or build_models)')
     try:
         hash((vqvae, var))
     except TypeError as e:
-        raise ValueError('build the models with tuples (patch_nums, ch_mult), not lists: compiled samplers '
-                         'are cached per model configuration, which must be hashable') from e
+        raise ValueError('build the models with tuples (patch_nums, ch_mult), not lists (var_jax.build_models converts '
+                         'them): compiled samplers are cached per model configuration, which must be hashable') from e
     if tuple(vqvae.patch_nums) != tuple(var.patch_nums):
         raise ValueError(f'VQVAE patch_nums {tuple(vqvae.patch_nums)} differ from VAR patch_nums '
                          f'{tuple(var.patch_nums)}; build both with the same schedule')
@@ -185,21 +193,27 @@ def _check_models(vqvae, var):
                          f'{vqvae.vocab_size} and {vqvae.z_channels}')
 
 
-def _check_settings(var, cfg, top_k, top_p, temperature):
+def check_settings(*, cfg, top_k, top_p, temperature, vocab_size: int) -> None:
+    """Raises ValueError naming the first sampling setting that cannot work (also used by var_jax.preflight)."""
     if not (isinstance(cfg, numbers.Real) and math.isfinite(cfg) and cfg >= 0):
         raise ValueError(f'cfg must be a finite number >= 0 (0 = no guidance), got {cfg!r}')
-    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or not 0 <= top_k <= var.vocab_size:
-        raise ValueError(f'top_k must be an int in [0, {var.vocab_size}] (0 = off), got {top_k!r}')
+    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f'top_k must be an int >= 0 (0 = off), got {top_k!r}')
+    if top_k > vocab_size:  # the official torch.topk raises for k > V too
+        raise ValueError(f'top_k={top_k} exceeds the vocabulary size {vocab_size}; use top_k <= '
+                         f'{vocab_size} (or 0 = off)')
     if not (isinstance(top_p, numbers.Real) and 0.0 <= top_p <= 1.0):
         raise ValueError(f'top_p must be in (0, 1], or 0 to turn nucleus filtering off; got {top_p!r}')
     if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f'temperature must be a finite number > 0 (1 = official), got {temperature!r}')
 
 
-def _labels_array(var, labels, batch_size, allow_null: bool):
-    """Labels as a (B,) int32 array, checked against [0, num_classes) (or <= num_classes with the null)."""
+def _labels_array(var, labels, batch_size):
+    """Labels as a (B,) int32 array; a negative label is the null class num_classes (official int labels).
+
+    Values above num_classes are refused: they would index past the class embedding.
+    """
     n = var.num_classes
-    hi = n + 1 if allow_null else n
     if isinstance(labels, (int, np.integer)):
         if batch_size is None:
             raise ValueError('an int label needs batch_size')
@@ -211,12 +225,13 @@ def _labels_array(var, labels, batch_size, allow_null: bool):
                          f'dtype {labels.dtype}')
     if batch_size is not None and labels.shape[0] != batch_size:
         raise ValueError(f'{labels.shape[0]} labels for batch_size {batch_size}')
-    if labels.min() < 0 or labels.max() >= hi:
-        what = f'[0, {n}] ({n} = the null class)' if allow_null else f'[0, {n})'
-        raise ValueError(f'labels must be in {what}, got values {labels.min()}..{labels.max()}')
+    if labels.max() > n:
+        raise ValueError(f'labels must be in [0, {n}) for the {n} classes, or {n} or negative for the null '
+                         f'class (unconditional); got values {labels.min()}..{labels.max()}')
     if isinstance(given, jax.Array):  # keep the caller's placement (e.g. a batch-sharded array)
-        return given.astype(jnp.int32)
-    return jnp.asarray(labels, jnp.int32)
+        given = given.astype(jnp.int32)
+        return jnp.where(given < 0, n, given) if labels.min() < 0 else given
+    return jnp.asarray(np.where(labels < 0, n, labels), jnp.int32)
 
 
 def _as_key(key):
@@ -235,8 +250,11 @@ def sample(vqvae, vae_params, var, var_params, labels, key, *, cfg: float = 1.5,
     """Class-conditional generation (official `autoregressive_infer_cfg`).
 
     labels: (B,) ints in [0, num_classes), one int (needs batch_size), or None for uniform
-    random classes (needs batch_size; drawn from a split of `key`). cfg: guidance; scale si uses
-    t = cfg * si / (K - 1) and logits (1 + t) cond - t uncond. top_k: 0 = off. top_p: nucleus
+    random classes (needs batch_size; drawn from a split of `key`). A negative label (or
+    num_classes) is the null class, i.e. unconditional, as the official sampler treats a negative
+    int label; the returned 'labels' hold num_classes there. cfg: guidance; scale si uses
+    t = cfg * si / (K - 1) and logits (1 + t) cond - t uncond. top_k: 0 = off, at most the
+    vocabulary size (the official torch.topk refuses k > V). top_p: nucleus
     mass in (0, 1]; 0 means off (the official default). temperature divides the logits before
     filtering. more_smooth: the official Gumbel-softmax soft embeddings (visual only; tokens are
     still sampled and returned).
@@ -246,7 +264,7 @@ def sample(vqvae, vae_params, var, var_params, labels, key, *, cfg: float = 1.5,
     [(B, pn^2, V) guided logits before temperature and filtering]. Deterministic for a given key.
     """
     _check_models(vqvae, var)
-    _check_settings(var, cfg, top_k, top_p, temperature)
+    check_settings(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, vocab_size=var.vocab_size)
     key = _as_key(key)
     if labels is None:
         if batch_size is None or batch_size < 1:
@@ -254,10 +272,25 @@ def sample(vqvae, vae_params, var, var_params, labels, key, *, cfg: float = 1.5,
         key, lkey = jax.random.split(key)
         labels = jax.random.randint(lkey, (batch_size,), 0, var.num_classes, jnp.int32)
     else:
-        labels = _labels_array(var, labels, batch_size, allow_null=False)
+        labels = _labels_array(var, labels, batch_size)
     res = _compiled_loop(vqvae, var, int(top_k), bool(top_p > 0), bool(more_smooth), bool(return_logits))(
         vae_params, var_params, labels, key, jnp.float32(cfg), jnp.float32(top_p), jnp.float32(temperature))
     return dict(res, labels=labels)
+
+
+def parse_labels(spec: str, num_images: int, num_classes: int) -> np.ndarray:
+    """config.sample.labels -> (num_images,) int32 labels (ranges are checked by `sample`).
+
+    '' -> 0, 1, 2, ... cycled (a grid num_classes wide has one class per column); '3' -> all 3;
+    '1,2,3' -> cycled to num_images; -1 (or num_classes) -> the null class, i.e. unconditional.
+    """
+    if not spec:
+        return (np.arange(num_images) % num_classes).astype(np.int32)
+    try:
+        values = [int(x) for x in str(spec).split(',') if x.strip()]
+    except ValueError:
+        raise ValueError(f'sample.labels={spec!r}: give comma-separated class indices, e.g. "1,2,3"') from None
+    return np.resize(np.asarray(values, np.int32), num_images)
 
 
 def rectangle_mask(patch_nums: Sequence[int], y0: float, x0: float, y1: float, x1: float,
@@ -324,6 +357,12 @@ def scale_keep_masks(mask, patch_nums: Sequence[int], batch_size: int, image_siz
     return out
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _encode(vqvae, vae_params, images):
+    """The source tokens of an edit (VQVAE.img_to_idx), jitted per tokenizer."""
+    return vqvae.apply({'params': vae_params}, images, method=VQVAE.img_to_idx)
+
+
 def edit(vqvae, vae_params, var, var_params, image, mask, labels=None, key=0, *, cfg: float = 1.5,
          top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0, more_smooth: bool = False,
          return_logits: bool = False):
@@ -331,21 +370,25 @@ def edit(vqvae, vae_params, var, var_params, image, mask, labels=None, key=0, *,
 
     image: (B, R, R, 3) in [-1, 1] at the model resolution. mask: see `scale_keep_masks`
     (1 = keep the source; `rectangle_mask` builds the official box masks). labels: None (the
-    null class: in/out-painting), one int or (B,) ints in [0, num_classes] (a class =
-    class-conditional editing). Other settings as in `sample`.
+    null class: in/out-painting; so do negative labels and num_classes), one int or (B,) ints
+    in [0, num_classes) (a class = class-conditional editing). Other settings as in `sample`.
 
     The returned 'idx' are the tokens actually used: the source image's tokens in the kept
     region, the sampled ones elsewhere; 'src_idx' are the source tokens of every scale.
     """
     _check_models(vqvae, var)
-    _check_settings(var, cfg, top_k, top_p, temperature)
+    check_settings(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, vocab_size=var.vocab_size)
     R = vqvae.image_size
     if getattr(image, 'ndim', None) != 4 or tuple(image.shape[1:]) != (R, R, 3):
         raise ValueError(f'image must be (B, {R}, {R}, 3) NHWC in [-1, 1], got {np.shape(image)}')
+    lo, hi = float(jnp.min(image)), float(jnp.max(image))
+    if lo < -1 - 1e-3 or hi > 1 + 1e-3:
+        raise ValueError(f'image values must lie in [-1, 1], got [{lo:.3g}, {hi:.3g}]; map [0, 1] images '
+                         f'with x * 2 - 1 and uint8 pixels with x / 127.5 - 1')
     B = image.shape[0]
     keep = scale_keep_masks(mask, var.patch_nums, B, R)
-    labels = _labels_array(var, var.num_classes if labels is None else labels, B, allow_null=True)
-    src_idx = api.encode(vqvae, vae_params, image)  # also checks the [-1, 1] range
+    labels = _labels_array(var, var.num_classes if labels is None else labels, B)
+    src_idx = _encode(vqvae, vae_params, jnp.asarray(image, jnp.float32))
     res = _compiled_loop(vqvae, var, int(top_k), bool(top_p > 0), bool(more_smooth), bool(return_logits))(
         vae_params, var_params, labels, _as_key(key), jnp.float32(cfg), jnp.float32(top_p),
         jnp.float32(temperature), src_idx, keep)
@@ -360,7 +403,7 @@ def teacher_forced(vqvae, vae_params, var, var_params, labels, idx_list):
     23): a check of the KV cache, the scale inputs and the f_hat updates of the sampler.
     """
     _check_models(vqvae, var)
-    labels = _labels_array(var, labels, None, allow_null=True)
+    labels = _labels_array(var, labels, None)
     B = labels.shape[0]
     keep = [jnp.ones((B, pn * pn), jnp.float32) for pn in var.patch_nums]
     fn = _compiled_loop(vqvae, var, 0, False, False, True)

@@ -10,14 +10,11 @@ lin_k: a 1x1 convolution without bias to one channel (the learned LPIPS v0.1 wei
 Images are NHWC; the distance is per image, (B,). Sides of at least 16 px (relu5_3 is 1/16).
 
 The weights are never downloaded. They come from two local files, torchvision's ImageNet VGG16
-state dict and the LPIPS linear layers of the lpips package (see WHERE_TO_GET), or from one .npz
-that `python -m var_jax.models.lpips` writes from them (torch is needed only for that):
+state dict and the LPIPS linear layers of the lpips package (see WHERE_TO_GET), converted once into
+one .npz (torch is needed only for that), which `load_lpips_params(path)` reads:
 
-    python -m var_jax.models.lpips --vgg16 vgg16-397923af.pth --lin vgg.pth --out lpips_vgg.npz
-
-`load_lpips_params(path)` takes that .npz or a directory holding the two .pth files.
+    python -m var_jax.convert --lpips_vgg16 vgg16-397923af.pth --lpips_lin vgg.pth --out lpips_vgg.npz
 """
-import argparse
 import os
 from collections.abc import Mapping
 
@@ -38,8 +35,8 @@ WHERE_TO_GET = (
     f'(https://download.pytorch.org/models/{VGG16_FILE}, also cached by torchvision.models.vgg16(weights=...) '
     f'in ~/.cache/torch/hub/checkpoints/); {LIN_FILE} holds the LPIPS linear layers of the lpips package '
     f'(lpips/weights/v0.1/{LIN_FILE} in a `pip install lpips` or in github.com/richzhang/PerceptualSimilarity). '
-    f'Put both in one directory, or convert them once with python -m var_jax.models.lpips '
-    f'--vgg16 {VGG16_FILE} --lin {LIN_FILE} --out lpips_vgg.npz')
+    f'Convert them once with python -m var_jax.convert --lpips_vgg16 {VGG16_FILE} --lpips_lin {LIN_FILE} '
+    f'--out lpips_vgg.npz')
 
 
 class LPIPSWeightsError(ValueError):
@@ -117,7 +114,7 @@ class LPIPS(nn.Module):
 
 
 # --- weights ------------------------------------------------------------------------------------
-def _check(state_dict: Mapping, shapes: dict, source: str) -> None:
+def check_tensors(state_dict: Mapping, shapes: dict, source: str) -> None:
     missing = [k for k in shapes if k not in state_dict]
     misshaped = [f'{k}: file {tuple(np.shape(state_dict[k]))}, expected {shapes[k]}'
                  for k in shapes if k in state_dict and tuple(np.shape(state_dict[k])) != shapes[k]]
@@ -144,50 +141,13 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray]) -> dict:
     return {'vgg': vgg, **lins}
 
 
-def _require_files(*paths: str) -> None:
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f'{" and ".join(missing)} not found. {WHERE_TO_GET}')
-
-
-def _read_pth(path: str) -> dict:
-    from var_jax.convert import load_torch_state_dict
-    try:
-        return load_torch_state_dict(path)
-    except ImportError as e:
-        raise ImportError(f'reading {path} needs PyTorch (pip install torch, CPU is enough); or convert the '
-                          f'two .pth files once to .npz where torch is installed: python -m var_jax.models.lpips '
-                          f'--vgg16 {VGG16_FILE} --lin {LIN_FILE} --out lpips_vgg.npz') from e
-    except Exception as e:  # torch.load's errors: truncated file, not a state dict, ...
-        raise LPIPSWeightsError(f'{path} is not a readable PyTorch state dict ({type(e).__name__}: {e}). '
-                                f'{WHERE_TO_GET}') from e
-
-
-def read_torch_weights(vgg16_path: str, lin_path: str) -> dict:
-    """The tensors LPIPS needs from the two .pth files, torch-keyed and checked, as NumPy arrays."""
-    _require_files(vgg16_path, lin_path)
-    vgg, lin = _read_pth(vgg16_path), _read_pth(lin_path)
-    _check(vgg, vgg16_torch_shapes(), vgg16_path)
-    _check(lin, lin_torch_shapes(), lin_path)
-    return {k: vgg[k] for k in vgg16_torch_shapes()} | {k: lin[k] for k in lin_torch_shapes()}
-
-
-def convert_to_npz(vgg16_path: str, lin_path: str, out_path: str) -> None:
-    """Writes the checked tensors of the two .pth files (torch keys and layouts) to one .npz."""
-    tensors = read_torch_weights(vgg16_path, lin_path)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, 'wb') as f:  # a file object: np.savez would append .npz to other names
-        np.savez(f, **tensors)
-
-
 def load_lpips_params(path: str) -> dict:
-    """LPIPS params from a .npz of `convert_to_npz`, or from a directory with the two .pth files."""
+    """LPIPS params from the .npz that `python -m var_jax.convert --lpips_vgg16 ... --lpips_lin ...` writes."""
     if os.path.isdir(path):
-        return state_dict_to_params(read_torch_weights(os.path.join(path, VGG16_FILE), os.path.join(path, LIN_FILE)))
-    _require_files(path)
-    not_npz = lambda why: LPIPSWeightsError(
-        f'{path} is not a .npz written by python -m var_jax.models.lpips ({why}); pass that .npz or a directory '
-        f'holding {VGG16_FILE} and {LIN_FILE}. {WHERE_TO_GET}')
+        raise LPIPSWeightsError(f'{path} is a directory; perceptual_weights_path takes one .npz. {WHERE_TO_GET}')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} not found. {WHERE_TO_GET}')
+    not_npz = lambda why: LPIPSWeightsError(f'{path} is not the LPIPS .npz ({why}). {WHERE_TO_GET}')
     try:
         npz = np.load(path)
     except (ValueError, OSError) as e:
@@ -196,20 +156,5 @@ def load_lpips_params(path: str) -> dict:
         raise not_npz('one array, not named arrays')
     with npz:
         tensors = dict(npz)
-    _check(tensors, vgg16_torch_shapes() | lin_torch_shapes(), path)
+    check_tensors(tensors, vgg16_torch_shapes() | lin_torch_shapes(), path)
     return state_dict_to_params(tensors)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description='Convert the LPIPS-VGG weights (.pth) once to one .npz (no torch '
-                                            'needed afterwards); set tokenizer.perceptual_weights_path to it.')
-    p.add_argument('--vgg16', required=True, help=f'torchvision VGG16 state dict, {VGG16_FILE}')
-    p.add_argument('--lin', required=True, help=f'the lpips package\'s weights/v0.1/{LIN_FILE}')
-    p.add_argument('--out', required=True, help='output .npz, e.g. lpips_vgg.npz')
-    args = p.parse_args(argv)
-    convert_to_npz(args.vgg16, args.lin, args.out)
-    print(f'wrote {args.out}')
-
-
-if __name__ == '__main__':
-    main()

@@ -5,9 +5,11 @@ of its own scale and of every coarser scale. Class conditioning enters twice: as
 token and through AdaLN in every block and in the head. Submodule and parameter names follow
 the official state dict so the converter is a renaming plus layout changes.
 
-Sequences are (B, L, C); full-sequence attention runs through `jax.nn.dot_product_attention`
-with an explicit scale so XLA (or cuDNN on GPU) picks the kernel; the sampler's cached
-attention (`_cached_attention`) keeps its KV cache head-major.
+Sequences are (B, L, C). The `depth` blocks are one `nn.scan` over stacked params (every block
+param has a leading depth axis, under 'blocks'), so XLA compiles one block whatever the depth;
+`scan=False` unrolls the same params into a loop of blocks. `remat` picks what the backward pass
+recomputes, `attention` the kernel (`var_jax.models.attention`). The converter maps the official
+per-block state dicts onto the stacked layout (`stack_blocks` / `unstack_blocks`).
 """
 import math
 from typing import Any, Sequence
@@ -17,9 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from var_jax.models import attention as attn_lib
 from var_jax.models.quantizer import validate_patch_nums
 
 MAX_LOG_SCALE_MUL = math.log(100.0)
+BLOCKS = 'blocks'  # the stacked params of all blocks: {BLOCKS: {...: (depth, ...)}}
+REMAT_POLICIES = ('none', 'dots', 'full')
+# The official scale schedules: 10 scales up to 16x16 tokens (256 px) and up to 32x32 (512 px, VAR-d36).
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
 
 def begin_ends(patch_nums: Sequence[int]) -> tuple:
@@ -38,8 +46,7 @@ def level_ids(patch_nums: Sequence[int]) -> np.ndarray:
 
 def block_causal_mask(patch_nums: Sequence[int]) -> np.ndarray:
     """(L, L) bool: query i may attend key j iff level(j) <= level(i)."""
-    lvl = level_ids(patch_nums)
-    return lvl[:, None] >= lvl[None, :]
+    return attn_lib.block_causal([pn * pn for pn in patch_nums])
 
 
 def trunc_normal(std: float, scale: Any = 1.0):
@@ -67,23 +74,6 @@ def _l2_normalize(x, eps=1e-12):
     return (x / jnp.maximum(norm, eps)).astype(x.dtype)
 
 
-def _cached_attention(q, k, v, cache, begin: int, scale: float):
-    """Writes k, v (B, N, H, hd) at [begin, begin+N) of the cache; q attends to cache[:begin+N].
-
-    The cache is head-major (B, H, L, hd), the layout the two attention matmuls consume, so
-    only the N new tokens are transposed per step, never the cached L (on CPU the transposes of
-    a token-major cache cost more than the attention itself). Returns ((B, N, H, hd), cache).
-    """
-    end = begin + q.shape[1]
-    heads_first = lambda t, c: t.transpose(0, 2, 1, 3).astype(c.dtype)
-    cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], heads_first(t, cache[name]), begin, 2)
-             for name, t in (('k', k), ('v', v))}
-    keys, values = cache['k'][:, :, :end].astype(q.dtype), cache['v'][:, :, :end].astype(q.dtype)
-    s = jnp.einsum('bnhd,bhsd->bhns', q, keys, preferred_element_type=jnp.float32) * scale
-    p = jax.nn.softmax(s, axis=-1).astype(values.dtype)
-    return jnp.einsum('bhns,bhsd->bnhd', p, values), cache
-
-
 class SelfAttention(nn.Module):
     """Multi-head self-attention; keys have no bias; optional l2-normalised q/k."""
     embed_dim: int
@@ -92,15 +82,15 @@ class SelfAttention(nn.Module):
     init_std: float
     proj_scale: float
     dtype: Any = jnp.float32
+    attention: str = 'auto'
 
     @nn.compact
-    def __call__(self, x, mask=None, cache=None, begin: int = 0):
-        """x (B, N, C) -> (B, N, C), plus the updated KV cache when one is given.
+    def __call__(self, x, sizes=None, past_kv=None):
+        """x (B, N, C) -> ((B, N, C), (k, v) of x head-major (B, H, N, hd), or None).
 
-        Without a cache, attention is over x itself under `mask` ((N, N) bool or None). With a
-        cache {'k','v': (B, H, L, hd)}, x are the tokens at [begin, begin+N): their keys/values
-        are written there and the queries attend to every cached position < begin+N (all of
-        them are earlier or same-scale tokens, so no mask is needed).
+        Without `past_kv`, block-causal attention over x itself with blocks of `sizes` tokens (static).
+        With past_kv = (k, v) (B, H, P, hd) of the P earlier tokens (the sampler's cache), x's queries
+        attend to all of them and to x (one scale: no mask needed) and x's own k, v are returned.
         """
         B, N, C = x.shape
         H = self.num_heads
@@ -120,15 +110,15 @@ class SelfAttention(nn.Module):
             scale = 1.0
         else:
             scale = 0.25 / math.sqrt(hd)
-        if cache is None:
-            m = None if mask is None else mask[None, None]
-            out = jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale).reshape(B, N, C)
+        new_kv = None
+        if past_kv is None:
+            out = attn_lib.attend(q, k, v, sizes=sizes, scale=scale, implementation=self.attention)
         else:
-            out, cache = _cached_attention(q, k, v, cache, begin, scale)
-            out = out.reshape(B, N, C)
+            out = attn_lib.attend_cached(q, k, v, *past_kv, scale=scale)
+            new_kv = tuple(t.transpose(0, 2, 1, 3) for t in (k, v))
         out = nn.Dense(C, dtype=self.dtype, kernel_init=trunc_normal(self.init_std, self.proj_scale),
-                       name='proj')(out)
-        return out, cache
+                       name='proj')(out.reshape(B, N, C))
+        return out, new_kv
 
 
 class FFN(nn.Module):
@@ -152,23 +142,32 @@ def _adaln_column_scale(C: int, n: int, init_adaln: float, init_adaln_gamma: flo
 
 
 class AdaLNSelfAttn(nn.Module):
-    """x += gamma1 * Attn(LN(x)(1+scale1)+shift1); x += gamma2 * FFN(LN(x)(1+scale2)+shift2)."""
+    """x += gamma1 * Attn(LN(x)(1+scale1)+shift1); x += gamma2 * FFN(LN(x)(1+scale2)+shift2).
+
+    Its call has the form of a scan body over the blocks (see `VAR.setup`).
+    """
     embed_dim: int
     num_heads: int
     mlp_ratio: float
     norm_eps: float
     attn_l2_norm: bool
     shared_aln: bool
-    drop_path: float
+    drop_path: bool           # whether any block has drop path (the per-block rate is an argument)
     init_std: float
     depth: int
     init_adaln: float
     init_adaln_gamma: float
     dtype: Any = jnp.float32
+    attention: str = 'auto'
 
     @nn.compact
-    def __call__(self, x, cond_or_gss, mask=None, cache=None, begin: int = 0, train: bool = False):
-        """cond_or_gss: (B, C) class condition, or with shared AdaLN the shared (B, 6, C) output."""
+    def __call__(self, x, drop_rate, past_kv, cond_or_gss, train: bool = False, sizes=None):
+        """(x (B, N, C), the new k, v or None).
+
+        drop_rate: this block's drop-path rate (scalar); past_kv: None, or the sampler's cached (k, v) of
+        earlier tokens (see SelfAttention); cond_or_gss: (B, C) class condition, or with shared AdaLN the
+        shared (B, 6, C) output; sizes: token counts of the scales in x (teacher forcing).
+        """
         C = self.embed_dim
         if self.shared_aln:
             def gss_init(key, shape, dtype=jnp.float32):
@@ -183,22 +182,69 @@ class AdaLNSelfAttn(nn.Module):
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (ada[:, :, i] for i in range(6))
         proj_scale = 1.0 / math.sqrt(2 * self.depth)
 
-        h, cache = SelfAttention(C, self.num_heads, self.attn_l2_norm, self.init_std, proj_scale,
-                                 self.dtype, name='attn')(
-            _layer_norm(x, self.norm_eps) * (1 + scale1) + shift1, mask, cache, begin)
-        x = x + self._drop_path(h * gamma1, train)
+        h, new_kv = SelfAttention(C, self.num_heads, self.attn_l2_norm, self.init_std, proj_scale,
+                                  self.dtype, self.attention, name='attn')(
+            _layer_norm(x, self.norm_eps) * (1 + scale1) + shift1, sizes, past_kv)
+        x = x + self._drop_path(h * gamma1, drop_rate, train)
         h = FFN(round(C * self.mlp_ratio), self.init_std, proj_scale, self.dtype, name='ffn')(
             _layer_norm(x, self.norm_eps) * (1 + scale2) + shift2)
-        x = x + self._drop_path(h * gamma2, train)
-        return x, cache
+        x = x + self._drop_path(h * gamma2, drop_rate, train)
+        return x, new_kv
 
-    def _drop_path(self, x, train):
+    def _drop_path(self, x, rate, train):
         """Per-sample stochastic depth (timm DropPath), training only."""
-        if not train or self.drop_path == 0.0:
+        if not train or not self.drop_path:
             return x
-        keep = 1.0 - self.drop_path
+        keep = 1.0 - rate
         mask = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-        return x * mask.astype(x.dtype) / keep
+        return x * mask.astype(x.dtype) / keep.astype(x.dtype)
+
+
+def _remat_policy(remat: str):
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f'remat={remat!r} is not one of {REMAT_POLICIES} (none: keep every activation; '
+                         f'dots: keep the matmul outputs, recompute the rest; full: recompute the block)')
+    return {'none': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable, 'full': None}[remat]
+
+
+def stacked_blocks(block, depth: int, scan: bool, remat: str):
+    """The `depth` blocks as one module with stacked params: nn.scan over `block`, rematerialised per
+    block when remat != 'none'; scan=False unrolls the loop (same params, one copy of the block per layer
+    in the program)."""
+    if remat != 'none':
+        # static: train and sizes (self is argument 0). In a rolled scan CSE cannot undo the remat.
+        block = nn.remat(block, policy=_remat_policy(remat), prevent_cse=not scan, static_argnums=(5, 6))
+    return nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+                   in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast), length=depth,
+                   unroll=1 if scan else depth)
+
+
+def unstack_blocks(params) -> dict:
+    """{'blocks': {... (depth, ...)}} -> {'blocks_0': {...}, 'blocks_1': ...}: the per-block layout of the
+    official state dicts. Works on arrays and on jax.ShapeDtypeStruct trees."""
+    params = dict(params)
+    stacked = params.pop(BLOCKS)
+    depth = jax.tree.leaves(stacked)[0].shape[0]
+
+    def pick(i):
+        return lambda t: (jax.ShapeDtypeStruct(t.shape[1:], t.dtype) if isinstance(t, jax.ShapeDtypeStruct)
+                          else t[i])
+    for i in range(depth):
+        params[f'{BLOCKS}_{i}'] = jax.tree.map(pick(i), stacked)
+    return params
+
+
+def stack_blocks(params) -> dict:
+    """{'blocks_0': {...}, 'blocks_1': ...} -> {'blocks': {... (depth, ...)}}, the layout VAR uses (and
+    params written before blocks were stacked load through it). NumPy in, NumPy out."""
+    params = dict(params)
+    names = sorted((k for k in params if k.startswith(f'{BLOCKS}_')), key=lambda k: int(k.rsplit('_', 1)[1]))
+    if [int(k.rsplit('_', 1)[1]) for k in names] != list(range(len(names))):
+        raise ValueError(f'per-block params must be {BLOCKS}_0 ... {BLOCKS}_<depth-1>, got {names}')
+    blocks = [params.pop(k) for k in names]
+    stack = np.stack if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(blocks)) else jnp.stack
+    params[BLOCKS] = jax.tree.map(lambda *xs: stack(xs), *blocks)
+    return params
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -240,6 +286,10 @@ class VAR(nn.Module):
     init_head: float = 0.02
     init_std: float = -1.0
     dtype: Any = jnp.float32
+    # How the blocks run; none of these changes the params or the math (only speed and memory).
+    scan: bool = True          # one nn.scan over the blocks (compile time independent of depth); False: unrolled
+    remat: str = 'none'        # per block: 'none', 'dots' (keep matmul outputs, recompute the rest), 'full'
+    attention: str = 'auto'    # 'auto', 'xla', 'splash' (TPU), 'cudnn' (GPU): see var_jax.models.attention
 
     def setup(self):
         pns = validate_patch_nums(self.patch_nums)
@@ -258,12 +308,12 @@ class VAR(nn.Module):
         self.pos_1LC = self.param('pos_1LC', init, (self.L, C))
         if self.shared_aln:
             self.shared_ada_lin = nn.Dense(6 * C, kernel_init=init)
-        rates = np.linspace(0, self.drop_path_rate, self.depth)
-        self.blocks = [
-            AdaLNSelfAttn(C, self.num_heads, self.mlp_ratio, self.norm_eps, self.attn_l2_norm,
-                          self.shared_aln, float(rates[i]), std, self.depth, self.init_adaln,
-                          self.init_adaln_gamma, self.dtype)
-            for i in range(self.depth)]
+        _remat_policy(self.remat)
+        attn_lib.resolve(self.attention, self.dtype)  # a bad name fails here, not deep in a trace
+        self.blocks = stacked_blocks(AdaLNSelfAttn, self.depth, self.scan, self.remat)(
+            C, self.num_heads, self.mlp_ratio, self.norm_eps, self.attn_l2_norm, self.shared_aln,
+            self.drop_path_rate > 0, std, self.depth, self.init_adaln, self.init_adaln_gamma, self.dtype,
+            self.attention, name=BLOCKS)
         self.head_nm = AdaLNBeforeHead(C, self.norm_eps, std, self.init_adaln)
         self.head = nn.Dense(self.vocab_size, kernel_init=trunc_normal(std, self.init_head))
 
@@ -304,43 +354,50 @@ class VAR(nn.Module):
         `idx_to_var_input`. In training mode labels are replaced by the null class with
         probability cond_drop_rate and drop path is active (rng stream 'dropout'). Unlike the
         official forward, evaluation mode never drops labels.
+
+        x_wo_first may stop at the end of an earlier scale (progressive training): the logits then
+        cover only those tokens, (B, end, V), exactly as the official forward with prog_si >= 0.
         """
         if train and self.cond_drop_rate > 0:
             drop = jax.random.uniform(self.make_rng('dropout'), labels.shape) < self.cond_drop_rate
             labels = jnp.where(drop, self.num_classes, labels)
         cond = self.cond(labels)
         first = self.begin_ends[0][1]
+        end = first + x_wo_first.shape[1]
+        if end not in [e for _, e in self.begin_ends]:
+            raise ValueError(f'x_wo_first has {x_wo_first.shape[1]} tokens; it must end at a scale boundary '
+                             f'(scale ends {[e for _, e in self.begin_ends]}, minus the first scale)')
         x = jnp.concatenate([self.start_tokens(cond),
-                             self.word_embed(x_wo_first.astype(jnp.float32)) + self.lvl_pos(first, self.L)[None]],
+                             self.word_embed(x_wo_first.astype(jnp.float32)) + self.lvl_pos(first, end)[None]],
                             axis=1)
-        mask = jnp.asarray(block_causal_mask(self.patch_nums))
-        cond_or_gss = self._cond_or_gss(cond)
-        h = x.astype(self.dtype)
-        for block in self.blocks:
-            h, _ = block(h, cond_or_gss, mask=mask, train=train)
+        sizes = tuple(e - b for b, e in self.begin_ends if e <= end)
+        h, _ = self.blocks(x.astype(self.dtype), self._drop_rates(), None, self._cond_or_gss(cond), train, sizes)
         return self.logits(h, cond)
+
+    def _drop_rates(self):
+        """Per-block drop-path rates, linearly from 0 to drop_path_rate (official)."""
+        return jnp.asarray(np.linspace(0, self.drop_path_rate, self.depth), jnp.float32)
 
     # --- cached autoregressive step ----------------------------------------------------------
     def init_cache(self, batch: int, dtype=None):
-        """Empty KV cache: per block {'k','v': (batch, H, L, hd)}."""
-        shape = (batch, self.num_heads, self.L, self.embed_dim // self.num_heads)
+        """Empty KV cache {'k', 'v': (depth, batch, H, L, hd)}: head-major, stacked over the blocks."""
+        shape = (self.depth, batch, self.num_heads, self.L, self.embed_dim // self.num_heads)
         dt = dtype or self.dtype
-        return [{'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)} for _ in range(self.depth)]
+        return {'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)}
 
     def step(self, si: int, tokens, cond, cache):
         """One scale of autoregressive inference: (logits (B, pn^2, V), new cache).
 
         tokens: scale si's input (B, pn_si^2, C) from `start_tokens` or `scale_tokens`; the
-        cache holds keys/values of all coarser scales.
+        cache holds keys/values of all coarser scales; this scale's are written into it.
         """
-        begin = self.begin_ends[si][0]
-        cond_or_gss = self._cond_or_gss(cond)
-        h = tokens.astype(self.dtype)
-        new_cache = []
-        for block, c in zip(self.blocks, cache):
-            h, c = block(h, cond_or_gss, cache=c, begin=begin)
-            new_cache.append(c)
-        return self.logits(h, cond), new_cache
+        begin, end = self.begin_ends[si]
+        past = (cache['k'][:, :, :, :begin], cache['v'][:, :, :, :begin])
+        h, (k, v) = self.blocks(tokens.astype(self.dtype), self._drop_rates(), past, self._cond_or_gss(cond),
+                                False, None)
+        cache = {name: cache[name].at[:, :, :, begin:end].set(t.astype(cache[name].dtype))
+                 for name, t in (('k', k), ('v', v))}
+        return self.logits(h, cond), cache
 
 
 def var_config_for_depth(depth: int, *, shared_aln: bool = False, **overrides) -> dict:

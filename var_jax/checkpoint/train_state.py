@@ -1,56 +1,23 @@
-"""Checkpointing for var_jax training runs (a thin layer over Orbax).
+"""Train-state checkpoints of one stage's run directory (workdir/<stage>), a thin layer over orbax.
 
-Layout of a workdir::
+    config.json                the run config of the latest start (written atomically)
+    checkpoints/<step>/state   {params, opt_state, step, rng, nonfinite, ...}: resumes bit-exactly
+    checkpoints/<step>/config  the run config saved with the step
+    damaged_checkpoints/<step> a step that could not be restored, set aside (never deleted)
 
-    workdir/
-      config.json              # run config of the latest start (atomic tmp + os.replace)
-      checkpoints/
-        <step>/state/          # {params, opt_state, step, rng, data_position}
-        <step>/config/         # the same run config, saved with the step
-        <step>.orbax-checkpoint-tmp-*   # only while a save is in flight
+Why: a step directory is complete or absent (orbax writes into a temporary directory and renames it);
+saving is asynchronous (`wait()`/`close()` before exit); restoring takes abstract leaves with shardings,
+so a checkpoint written on N devices restores on any mesh; PRNG keys are stored as raw uint32 data; and a
+run directory refuses to resume under a config whose model- or data-defining fields differ.
 
-Why it looks like this:
-
-* One ``state`` item holds everything needed to resume bit-exactly, so a
-  step directory is either complete or absent.  Orbax writes each step into a
-  ``*.orbax-checkpoint-tmp-*`` directory and renames it when done (plus a
-  ``commit_success.txt`` marker on filesystems without atomic rename); an
-  interrupted save is never listed as a step and is removed at the next start.
-* Saving is asynchronous: ``save`` returns once the arrays are copied to host
-  and training continues while the files are written.  ``wait()`` blocks until
-  the write is done; call it (or ``close()``) before the process exits.
-* Restoring takes a tree of ``jax.ShapeDtypeStruct`` *with shardings* for the
-  current mesh, so a checkpoint written on N devices (any FSDP layout) loads
-  onto 1 device or onto another mesh.  Leaves given as plain python/numpy
-  values (e.g. ``data_position``) are restored as host values, which keeps
-  int64 positions exact even without ``jax_enable_x64``.
-* PRNG keys must be raw ``uint32`` key data (``jax.random.PRNGKey`` or
-  ``jax.random.key_data(typed_key)``; rewrap with ``jax.random.wrap_key_data``
-  after restoring).  Typed key arrays are rejected with a clear error rather
-  than silently coming back as a different dtype.
-* Each step stores the run config, and a workdir refuses (without writing
-  anything) to resume under a config whose model-defining fields differ.
-
-Preemption: inside ``with checkpointer.handle_preemption():`` a SIGTERM only
-sets a flag; the training loop polls ``should_stop(step)``, force-saves and
-exits cleanly.  With several processes, JAX's distributed preemption service
-owns SIGTERM and decides a common step for all hosts, so ``should_stop`` then
-asks ``multihost_utils.reached_preemption_sync_point`` (through Orbax) instead
-and no Python handler is installed.  Typical loop::
-
-    ckpt = Checkpointer(workdir, max_to_keep=3, save_every=5000, config=config)
-    with ckpt.handle_preemption():
-        for step in range(start, total_steps):
-            state = train_step(state, batch)
-            ckpt.save(step + 1, state)
-            if ckpt.should_stop(step + 1):
-                break
-        ckpt.save(step + 1, state, force=True)   # final / preemption save
-    ckpt.close()                                   # waits for the write
+Preemption: inside `with checkpointer.handle_preemption():` SIGTERM only sets a flag that the loop polls
+through `should_stop(step)`; it then saves and exits. With several processes JAX's preemption service owns
+SIGTERM and `should_stop` asks orbax for the common sync point instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import logging
@@ -64,37 +31,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-PyTree = Any
+from var_jax.fileio import atomic_write
+from var_jax.sharding import PyTree
 
-STATE_ITEM = "state"
-CONFIG_ITEM = "config"
-CONFIG_FILE = "config.json"
-CHECKPOINT_SUBDIR = "checkpoints"
-
-# Config keys (fnmatch patterns on dotted paths; a pattern matching a parent
-# also covers its subtree) that may change when a run is resumed: schedule
-# length and bookkeeping intervals, never model or data definition.
-DEFAULT_RESUMABLE_KEYS: tuple[str, ...] = (
-    "*total_steps",
-    "*num_train_steps",
-    "*num_epochs",
-    "*log_every*",
-    "*eval_every*",
-    "*sample_every*",
-    "*save_every*",
-    "*checkpoint_every*",
-    "*max_to_keep*",
-    "*workdir*",
-)
-
+STATE_ITEM = 'state'
+DAMAGED_SUBDIR = 'damaged_checkpoints'
+CONFIG_ITEM = 'config'
+CONFIG_FILE = 'config.json'
+CHECKPOINT_SUBDIR = 'checkpoints'
 
 class ConfigMismatchError(ValueError):
     """The workdir holds checkpoints written with an incompatible config."""
 
 
-# ----------------------------------------------------------------------------
-# Config helpers
-# ----------------------------------------------------------------------------
+# --- run configs ------------------------------------------------------------------------------
 
 
 def config_to_dict(config: Any) -> Optional[dict]:
@@ -105,48 +55,48 @@ def config_to_dict(config: Any) -> Optional[dict]:
     """
     if config is None:
         return None
-    if hasattr(config, "to_json_best_effort"):  # ml_collections.ConfigDict
+    if hasattr(config, 'to_json_best_effort'):  # ml_collections.ConfigDict
         return json.loads(config.to_json_best_effort())
     return json.loads(json.dumps(dict(config), default=repr))
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: Mapping, prefix: str = '') -> dict[str, Any]:
     flat = {}
     for key, value in tree.items():
-        path = f"{prefix}{key}"
+        path = f'{prefix}{key}'
         if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, path + "."))
+            flat.update(_flatten(value, path + '.'))
         else:
             flat[path] = value
     return flat
 
 
 def _is_resumable(key: str, patterns: Iterable[str]) -> bool:
-    parts = key.split(".")
-    prefixes = [".".join(parts[: i + 1]) for i in range(len(parts))]
+    parts = key.split('.')
+    prefixes = ['.'.join(parts[: i + 1]) for i in range(len(parts))]
     return any(fnmatch.fnmatchcase(p, pat) for pat in patterns for p in prefixes)
 
 
-_MISSING = "<missing>"
+_MISSING = '<missing>'
 
 
 def config_diff(
     saved: Mapping,
     current: Mapping,
-    resumable_keys: Iterable[str] = DEFAULT_RESUMABLE_KEYS,
+    resumable_keys: Iterable[str] = (),
     compare_keys: Optional[Sequence[str]] = None,
 ) -> dict[str, tuple[Any, Any]]:
-    """``{dotted.key: (saved_value, current_value)}`` for fields that differ.
+    """`{dotted.key: (saved_value, current_value)}` for fields that differ.
 
-    ``compare_keys`` restricts the comparison to these top-level subtrees
-    (e.g. ``('model', 'data')``); ``None`` compares everything.  Keys matching
-    ``resumable_keys`` are ignored.
+    `compare_keys` restricts the comparison to these top-level subtrees
+    (e.g. `('model', 'data')`); `None` compares everything.  Keys matching
+    `resumable_keys` are ignored.
     """
     a, b = _flatten(saved), _flatten(current)
     resumable_keys = tuple(resumable_keys)
     diffs = {}
     for key in sorted(set(a) | set(b)):
-        if compare_keys is not None and key.split(".")[0] not in compare_keys:
+        if compare_keys is not None and key.split('.')[0] not in compare_keys:
             continue
         if _is_resumable(key, resumable_keys):
             continue
@@ -158,17 +108,33 @@ def config_diff(
 
 def atomic_write_json(path: str, obj: Any) -> None:
     """Writes JSON so readers see the old file or the new one, never a torn one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
+    with atomic_write(path) as tmp, open(tmp, 'w') as f:
         json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
-# ----------------------------------------------------------------------------
-# Preemption
-# ----------------------------------------------------------------------------
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Orbax logs every failing read of a damaged checkpoint from its worker threads (a wall of tracebacks);
+    the caller reports the failure once instead."""
+    loggers = [logging.getLogger(name) for name in ('absl', 'asyncio', 'orbax', 'orbax.checkpoint')]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _flag_value(value) -> str:
+    """A config value as main.py's --config.<field>= flag takes it."""
+    if isinstance(value, (list, tuple)):
+        return "'(" + ','.join(str(v) for v in value) + (",)'" if len(value) == 1 else ")'")
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+# --- preemption -------------------------------------------------------------------------------
 
 
 class PreemptionHandler:
@@ -187,14 +153,14 @@ class PreemptionHandler:
         self._previous: dict[int, Any] = {}
 
     def _on_signal(self, signum, frame):  # noqa: ARG002 - signal handler signature
-        logging.warning("Received signal %d: will checkpoint and stop at the next step.", signum)
+        logging.warning('Received signal %d: will checkpoint and stop at the next step.', signum)
         self._event.set()
 
     @property
     def triggered(self) -> bool:
         return self._event.is_set()
 
-    def __enter__(self) -> "PreemptionHandler":
+    def __enter__(self) -> 'PreemptionHandler':
         if jax.process_count() == 1:
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
@@ -207,19 +173,17 @@ class PreemptionHandler:
         return False
 
 
-# ----------------------------------------------------------------------------
-# Checkpointer
-# ----------------------------------------------------------------------------
+# --- train-state checkpoints ------------------------------------------------------------------
 
 
 def _check_no_typed_keys(state: PyTree) -> None:
     for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        dtype = getattr(leaf, "dtype", None)
+        dtype = getattr(leaf, 'dtype', None)
         if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
             raise TypeError(
-                f"State leaf {jax.tree_util.keystr(path)} is a typed PRNG key; checkpoint raw "
-                "uint32 keys instead (jax.random.key_data(key), and jax.random.wrap_key_data "
-                "after restore)."
+                f'State leaf {jax.tree_util.keystr(path)} is a typed PRNG key; checkpoint raw '
+                'uint32 keys instead (jax.random.key_data(key), and jax.random.wrap_key_data '
+                'after restore).'
             )
 
 
@@ -236,17 +200,17 @@ def _restore_target(leaf: Any, default_sharding: jax.sharding.Sharding) -> Any:
 
 
 class Checkpointer:
-    """Saves / restores the train state of one run in ``workdir``.
+    """Saves / restores the train state of one run in `workdir`.
 
     Args:
-      workdir: run directory; checkpoints go to ``workdir/checkpoints``.
+      workdir: run directory; checkpoints go to `workdir/checkpoints`.
       max_to_keep: keep only the newest K checkpoints.
-      save_every: ``save`` is a no-op unless ``step % save_every == 0``
-        (or ``force=True``).
+      save_every: `save` is a no-op unless `step % save_every == 0`
+        (or `force=True`).
       config: run config (ConfigDict or dict).  When given, it is checked
         against the latest checkpoint's config before anything is written
         (raises :class:`ConfigMismatchError`), then stored with every step
-        and as ``workdir/config.json``.
+        and as `workdir/config.json`.
       resumable_keys / compare_keys: see :func:`config_diff`.
       async_save: write in a background thread (default); False for
         synchronous saves (debugging).
@@ -259,7 +223,7 @@ class Checkpointer:
         max_to_keep: Optional[int] = 3,
         save_every: int = 1,
         config: Any = None,
-        resumable_keys: Iterable[str] = DEFAULT_RESUMABLE_KEYS,
+        resumable_keys: Iterable[str] = (),
         compare_keys: Optional[Sequence[str]] = None,
         async_save: bool = True,
     ):
@@ -286,11 +250,16 @@ class Checkpointer:
         self._preemption = PreemptionHandler()
         self._config = config_to_dict(config)
         if self._config is not None:
+            while True:  # the newest step's config must be readable to compare with; else set it aside
+                step = self.latest_step()
+                try:
+                    self.saved_config(step)
+                    break
+                except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a damaged step
+                    self._set_aside(step, e)
             self.check_compatible(config)
             if jax.process_index() == 0:
                 atomic_write_json(os.path.join(self.workdir, CONFIG_FILE), self._config)
-
-    # -- queries ---------------------------------------------------------------
 
     def latest_step(self) -> Optional[int]:
         """Newest finished (or in-flight) checkpoint step, None if there is none."""
@@ -300,7 +269,7 @@ class Checkpointer:
         return sorted(self._manager.all_steps())
 
     def saved_config(self, step: Optional[int] = None) -> Optional[dict]:
-        """Config stored with ``step`` (default: latest); None if absent."""
+        """Config stored with `step` (default: latest); None if absent."""
         step = self.latest_step() if step is None else step
         if step is None or not os.path.isdir(os.path.join(self.directory, str(step), CONFIG_ITEM)):
             return None
@@ -315,20 +284,21 @@ class Checkpointer:
             return
         diffs = config_diff(saved, config_to_dict(config), self.resumable_keys, self.compare_keys)
         if diffs:
-            lines = "\n".join(f"  {k}: checkpoint={a!r} now={b!r}" for k, (a, b) in diffs.items())
+            lines = '\n'.join(f'  {k}: checkpoint={a!r} now={b!r}' for k, (a, b) in diffs.items())
             raise ConfigMismatchError(
-                f"{self.directory} holds checkpoints (latest step {step}) written with a different "
-                f"config; differing fields:\n{lines}\n"
-                "Use a new workdir, or list the fields in resumable_keys if they may change on resume."
+                f'{self.directory} holds checkpoints (latest step {step}) written with a different '
+                f'config; differing fields:\n{lines}\n'
+                'To resume that run, give its values back: '
+                + ' '.join(f'--config.{k}={_flag_value(a)}' for k, (a, _) in diffs.items() if a != _MISSING)
+                + '\nTo start a new run with these settings, give a new --workdir.'
             )
 
-    # -- save / restore --------------------------------------------------------
 
     def save(self, step: int, state: PyTree, force: bool = False) -> bool:
-        """Starts saving ``state`` as ``step``; returns whether a save was started.
+        """Starts saving `state` as `step`; returns whether a save was started.
 
-        Skipped when ``step`` is not a multiple of ``save_every`` (unless
-        ``force``) or is already saved (so a final forced save right after a
+        Skipped when `step` is not a multiple of `save_every` (unless
+        `force`) or is already saved (so a final forced save right after a
         regular one is harmless).  Must be called by every process.
         """
         step = int(step)
@@ -341,24 +311,53 @@ class Checkpointer:
         return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, abstract_state: PyTree, step: Optional[int] = None) -> PyTree:
-        """Restores ``step`` (default: latest) into the layout of ``abstract_state``.
+        """Restores `step` (default: latest) into the layout of `abstract_state`.
 
-        ``abstract_state`` leaves: ``jax.ShapeDtypeStruct`` with the target
-        ``sharding`` (e.g. from ``sharding.with_shardings``), existing
-        ``jax.Array``s (their sharding is reused), or python/numpy values
+        `abstract_state` leaves: `jax.ShapeDtypeStruct` with the target
+        `sharding` (e.g. from `sharding.with_shardings`), existing
+        `jax.Array`s (their sharding is reused), or python/numpy values
         (restored on host).  A ShapeDtypeStruct without sharding is replicated
         over all devices.
         """
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"No checkpoint in {self.directory}")
+            raise FileNotFoundError(f'No checkpoint in {self.directory}')
         self.wait()  # an in-flight save of this step must be finished first
-        default = NamedSharding(Mesh(np.asarray(jax.devices()), ("all",)), PartitionSpec())
+        default = NamedSharding(Mesh(np.asarray(jax.devices()), ('all',)), PartitionSpec())
         target = jax.tree.map(lambda leaf: _restore_target(leaf, default), abstract_state)
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)})
-        )
+        with _quiet_orbax():
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target)})
+            )
         return restored[STATE_ITEM]
+
+    def restore_latest(self, abstract_state: PyTree) -> tuple[Optional[PyTree], int]:
+        """(state, step) of the newest intact checkpoint, or (None, 0) when there is none.
+
+        A step that cannot be restored (truncated files, missing metadata: a disk that filled up, a copy
+        that stopped half-way) is moved to `workdir/damaged_checkpoints/<step>` with a warning naming it,
+        never deleted, and the next older step is tried.
+        """
+        while (step := self.latest_step()) is not None:
+            try:
+                return self.restore(abstract_state, step), step
+            except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a damaged step
+                self._set_aside(step, e)
+        return None, 0
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        damaged = os.path.join(self.workdir, DAMAGED_SUBDIR)
+        target = os.path.join(damaged, str(step))
+        if jax.process_index() == 0:
+            os.makedirs(damaged, exist_ok=True)
+            n = 1
+            while os.path.exists(target):
+                target, n = os.path.join(damaged, f'{step}.{n}'), n + 1
+            os.replace(os.path.join(self.directory, str(step)), target)
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        logging.warning('checkpoint step %d in %s is damaged (%s: %s); moved it to %s and fell back to the '
+                        'previous step', step, self.directory, type(error).__name__, reason, target)
+        self._manager.reload()
 
     def wait(self) -> None:
         """Blocks until the in-flight asynchronous save (if any) is on disk."""
@@ -369,14 +368,13 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> 'Checkpointer':
         return self
 
     def __exit__(self, *exc_info) -> bool:
         self.close()
         return False
 
-    # -- preemption ------------------------------------------------------------
 
     def handle_preemption(self) -> PreemptionHandler:
         """Context manager turning SIGTERM into :attr:`preempted` (see module doc)."""
@@ -384,14 +382,14 @@ class Checkpointer:
 
     @property
     def preempted(self) -> bool:
-        """True once this process received SIGTERM inside ``handle_preemption()``."""
+        """True once this process received SIGTERM inside `handle_preemption()`."""
         return self._preemption.triggered
 
     def should_stop(self, step: Optional[int] = None) -> bool:
         """Whether the loop should save now and exit.
 
         Single process: the SIGTERM flag.  Several processes: all hosts must
-        call this at every step with the same ``step``; it becomes True on all
+        call this at every step with the same `step`; it becomes True on all
         of them at the same step once any host was told to shut down.
         """
         if self.preempted:

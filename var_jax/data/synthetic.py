@@ -11,10 +11,11 @@ go through exactly the same tf.data pipeline as cifar10 or imagenet2012. Everyth
 function of the seed: two builds with the same seed write identical images and labels.
 
 Drawing is vectorised numpy over all images of one class at once; building the default 10k + 1k
-images takes a few seconds on two cores. Only `input_pipeline` imports this module (it needs TFDS).
+images takes a few seconds on two cores.
 """
 import dataclasses
 import io
+import logging
 
 import numpy as np
 import PIL.Image
@@ -176,8 +177,17 @@ def get_builder(data_dir=None, seed: int = 0, train_size: int = 10000, test_size
     config = make_config(seed, train_size, test_size)
     if config.name in VarSyntheticShapes.builder_configs:
         config = config.name  # TFDS refuses a custom config named like a predefined one.
-    builder = VarSyntheticShapes(config=config, data_dir=data_dir)
-    if not builder.is_prepared():
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    absl_logger = logging.getLogger('absl')
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # TFDS warns at every start that the config is a custom one
+    try:
+        builder = VarSyntheticShapes(config=config, data_dir=data_dir)
+        if not builder.is_prepared():
+            print(f'building the offline dataset {DATASET_NAME} ({train_size} + {test_size} images) in '
+                  f'{builder.data_dir} (first use only) ...', flush=True)
+            tfds.disable_progress_bar()  # one line instead of a dozen progress bars in a log
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    finally:
+        absl_logger.setLevel(level)
     return builder

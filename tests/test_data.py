@@ -1,18 +1,24 @@
-"""Input pipeline tests: synthetic dataset, preprocessing, resume, host shards, folders, errors.
+"""The data package: config validation, the synthetic dataset, train/eval iterators, resume, host shards, errors.
 
-Everything runs offline on tiny datasets in temporary data_dirs.
+Everything runs offline on tiny datasets in temporary data_dirs. Image decoding and the official
+transform's geometry are in test_data_images.py.
 """
 import hashlib
+import importlib
+import pathlib
 import socket
 
 import numpy as np
 import PIL.Image
 import pytest
 
-from var_jax import input_pipeline as ip
-from var_jax import synthetic_data as sd
+from configs.common import base_config
+from var_jax import data
+from var_jax.data import config as data_config
+from var_jax.data import synthetic as sd
 
 TRAIN_SIZE, TEST_SIZE = 600, 131  # 131: the eval split does not divide into batches or hosts.
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope='module')
@@ -24,11 +30,8 @@ def data_dir(tmp_path_factory):
 
 
 def synthetic_config(data_dir, **overrides):
-    cfg = ip.default_data_config()
-    cfg.data_dir = data_dir
-    cfg.synthetic_train_size = TRAIN_SIZE
-    cfg.synthetic_test_size = TEST_SIZE
-    cfg.update(overrides)
+    cfg = base_config().data
+    cfg.update(dict(data_dir=data_dir, synthetic_train_size=TRAIN_SIZE, synthetic_test_size=TEST_SIZE), **overrides)
     return cfg
 
 
@@ -45,7 +48,7 @@ def all_split_digests(cfg, split):
     cfg = cfg.copy_and_resolve_references()
     cfg.update(eval_split=split, resize_ratio=1.0)
     out = []
-    for batch in ip.make_eval_iterator(cfg, 128, process_index=0, process_count=1):
+    for batch in data.make_eval_iterator(cfg, 128, process_index=0, process_count=1):
         out += digests(batch['image'][batch['mask']])
     return out
 
@@ -107,10 +110,10 @@ def test_synthetic_classes_are_recognisable():
 
 
 def test_default_config_builds_the_synthetic_dataset(tmp_path):
-    cfg = ip.default_data_config()
+    cfg = base_config().data
     cfg.data_dir = str(tmp_path)
-    assert ip.num_classes(cfg) == 10
-    batch = next(ip.make_train_iterator(cfg, 8, seed=0, process_index=0, process_count=1))
+    assert data.num_classes(cfg) == 10
+    batch = next(data.make_train_iterator(cfg, 8, seed=0, process_index=0, process_count=1))
     assert batch['image'].shape == (8, 32, 32, 3)
     builder = sd.get_builder(str(tmp_path))
     assert builder.info.splits['train'].num_examples == 10000
@@ -123,7 +126,7 @@ def test_default_config_builds_the_synthetic_dataset(tmp_path):
 @pytest.mark.parametrize('image_size', [32, 24])
 def test_train_batches_shapes_dtypes_range(data_dir, image_size):
     cfg = synthetic_config(data_dir, image_size=image_size)
-    batches = take(ip.make_train_iterator(cfg, 16, seed=0, process_index=0, process_count=1), 2)
+    batches = take(data.make_train_iterator(cfg, 16, seed=0, process_index=0, process_count=1), 2)
     for batch in batches:
         assert set(batch) == {'image', 'label'}
         assert batch['image'].shape == (16, image_size, image_size, 3)
@@ -142,15 +145,15 @@ def test_resume_reproduces_batches_exactly(data_dir, in_memory_max_mb):
     cfg = synthetic_config(data_dir, in_memory_max_mb=in_memory_max_mb)
     kwargs = dict(seed=3, process_index=0, process_count=1)
     batch = 64  # 600 examples -> 9 steps per epoch; steps 8..10 cross an epoch boundary.
-    reference = take(ip.make_train_iterator(cfg, batch, **kwargs), 11)
+    reference = take(data.make_train_iterator(cfg, batch, **kwargs), 11)
     for start in (3, 8):
-        resumed = take(ip.make_train_iterator(cfg, batch, start_step=start, **kwargs), 3)
+        resumed = take(data.make_train_iterator(cfg, batch, start_step=start, **kwargs), 3)
         for offset, got in enumerate(resumed):
             want = reference[start + offset]
             np.testing.assert_array_equal(got['image'], want['image'])
             np.testing.assert_array_equal(got['label'], want['label'])
     # The order really depends on the seed and the epoch (a constant pipeline would pass above).
-    other_seed = next(ip.make_train_iterator(cfg, batch, **{**kwargs, 'seed': 4}))
+    other_seed = next(data.make_train_iterator(cfg, batch, **{**kwargs, 'seed': 4}))
     assert not np.array_equal(other_seed['image'], reference[0]['image'])
     assert not np.array_equal(reference[0]['label'], reference[9]['label'])  # epochs 0 and 1
 
@@ -164,7 +167,7 @@ def test_epoch_is_a_permutation_and_hosts_are_disjoint(data_dir, in_memory_max_m
     assert len(dataset) == TRAIN_SIZE
     per_host = []
     for host in (0, 1):
-        it = ip.make_train_iterator(cfg, 100, seed=0, process_index=host, process_count=2)
+        it = data.make_train_iterator(cfg, 100, seed=0, process_index=host, process_count=2)
         seen = [d for b in take(it, 6) for d in digests(b['image'])]  # 300 // 50 = 6 steps/epoch
         assert len(set(seen)) == len(seen) == 300  # no example twice within an epoch
         per_host.append(set(seen))
@@ -174,7 +177,7 @@ def test_epoch_is_a_permutation_and_hosts_are_disjoint(data_dir, in_memory_max_m
 
 def test_in_memory_limit_switches_to_streaming(data_dir):
     """The two readers order examples differently, so the switch visibly takes effect."""
-    first = [next(ip.make_train_iterator(synthetic_config(data_dir, in_memory_max_mb=mb), 16,
+    first = [next(data.make_train_iterator(synthetic_config(data_dir, in_memory_max_mb=mb), 16,
                                          seed=0, process_index=0, process_count=1))['label']
              for mb in (1024, 0)]
     assert not np.array_equal(*first)
@@ -183,9 +186,9 @@ def test_in_memory_limit_switches_to_streaming(data_dir):
 def test_random_flip_switch(data_dir):
     cfg = synthetic_config(data_dir, resize_ratio=1.0)
     kwargs = dict(seed=5, process_index=0, process_count=1)
-    plain = next(ip.make_train_iterator(cfg, 64, **kwargs))['image']
+    plain = next(data.make_train_iterator(cfg, 64, **kwargs))['image']
     cfg.random_flip = True
-    flipped = next(ip.make_train_iterator(cfg, 64, **kwargs))['image']
+    flipped = next(data.make_train_iterator(cfg, 64, **kwargs))['image']
     same = [np.array_equal(a, b) for a, b in zip(plain, flipped)]
     mirrored = [np.array_equal(a[:, ::-1], b) for a, b in zip(plain, flipped)]
     assert all(s or m for s, m in zip(same, mirrored))
@@ -197,145 +200,127 @@ def test_random_flip_switch(data_dir):
 
 def test_eval_iterator_pads_and_masks(data_dir):
     cfg = synthetic_config(data_dir)
-    batches = list(ip.make_eval_iterator(cfg, 64, process_index=0, process_count=1))
+    batches = list(data.make_eval_iterator(cfg, 64, process_index=0, process_count=1))
     assert [int(b['mask'].sum()) for b in batches] == [64, 64, 3]
     last = batches[-1]
     assert last['image'].shape == (64, 32, 32, 3) and last['mask'].dtype == np.bool_
     assert last['mask'][:3].all() and not (last['image'][3:]).any()
     assert (last['label'][3:] == 0).all()
-    again = list(ip.make_eval_iterator(cfg, 64, process_index=0, process_count=1))
+    again = list(data.make_eval_iterator(cfg, 64, process_index=0, process_count=1))
     np.testing.assert_array_equal(again[0]['image'], batches[0]['image'])  # fixed order and crop
 
     # Two hosts: 66 and 65 examples; both yield the same number of batches.
     real = []
     for host in (0, 1):
-        host_batches = list(ip.make_eval_iterator(cfg, 64, process_index=host, process_count=2))
+        host_batches = list(data.make_eval_iterator(cfg, 64, process_index=host, process_count=2))
         assert [int(b['mask'].sum()) for b in host_batches] == [[32, 32, 2], [32, 32, 1]][host]
         real += [d for b in host_batches for d in digests(b['image'][b['mask']])]
     assert len(set(real)) == TEST_SIZE
 
 
-def test_eval_center_crop_matches_the_official_geometry(data_dir):
-    """36x36 resize then the central 32x32, for a 32x32 image equal to a direct resize crop."""
-    cfg = synthetic_config(data_dir)
-    batch = next(ip.make_eval_iterator(cfg, 8, process_index=0, process_count=1))
-    raw = next(ip.make_eval_iterator(synthetic_config(data_dir, resize_ratio=1.0), 8,
-                                     process_index=0, process_count=1))
-    import tensorflow as tf
-    resized = ip._resize_short_side(tf.constant((raw['image'][0] + 1) * 127.5), 36).numpy()
-    np.testing.assert_allclose((batch['image'][0] + 1) * 127.5, resized[2:34, 2:34], atol=1e-3)
+# ----------------------------------------------------------------------------- config and errors
 
 
-# ----------------------------------------------------------------------------- folder source
+def test_every_data_field_has_one_default_in_base_config():
+    """configs/common.py defines exactly the fields the pipeline reads, so lock_config accepts each of them."""
+    config = base_config()
+    assert sorted(config.data.keys()) == sorted(data_config.FIELDS)
+    data.validate_config(config.data)
+    config.lock()
+    for field, value in dict(eval_folder='/e', shuffle_buffer=7, in_memory_max_mb=0, synthetic_seed=3).items():
+        setattr(config.data, field, value)  # what --config.data.<field>=... does
+    assert data.validate_config(config.data).shuffle_buffer == 7
+    for path in sorted((ROOT / 'configs').glob('*.py')):  # every shipped config's data settings are valid
+        if path.name != 'common.py':
+            cfg = importlib.import_module(f'configs.{path.stem}').get_config().data
+            if cfg.source == 'folder':
+                cfg.folder = '/images'  # the one field a user must give (--config.data.folder)
+            data.validate_config(cfg)
 
 
-def write_folder(root):
-    """Two classes of solid-colour images in various formats, plus one corrupt file."""
-    (root / 'apple').mkdir(parents=True)
-    (root / 'berry').mkdir()
-    PIL.Image.new('RGB', (50, 40), (200, 30, 40)).save(root / 'apple' / 'rgb.jpg', quality=95)
-    PIL.Image.new('L', (40, 44), 77).save(root / 'apple' / 'gray.png')
-    PIL.Image.new('RGBA', (40, 60), (10, 200, 30, 128)).save(root / 'berry' / 'rgba.png')
-    palette = PIL.Image.new('P', (40, 40), 1)
-    palette.putpalette([0, 0, 0, 200, 10, 10])
-    palette.save(root / 'berry' / 'pal.png')
-    PIL.Image.new('RGB', (8, 8), (0, 0, 255)).save(root / 'berry' / 'tiny.PNG')
-    (root / 'berry' / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff this is not a jpeg')
-    (root / 'berry' / 'notes.txt').write_text('not an image, ignored')
-    # colour -> label of every readable image
-    return {(200, 30, 40): 0, (77, 77, 77): 0, (10, 200, 30): 1, (200, 10, 10): 1, (0, 0, 255): 1}
-
-
-def test_folder_source_converts_and_skips_corrupt(tmp_path):
-    expected = write_folder(tmp_path / 'images')
-    cfg = ip.default_data_config()
-    cfg.update(source='folder', folder=str(tmp_path / 'images'), image_size=16)
-    assert ip.num_classes(cfg) == 2
-    with pytest.warns(UserWarning, match=r'Skipped 1 of 6 .*corrupt\.jpg'):
-        batches = list(ip.make_eval_iterator(cfg, 4, process_index=0, process_count=1))
-    images = np.concatenate([b['image'][b['mask']] for b in batches])
-    labels = np.concatenate([b['label'][b['mask']] for b in batches])
-    assert images.shape == (5, 16, 16, 3)
-    found = {}
-    for image, label in zip(images, labels):
-        pixels = (image + 1) * 127.5
-        colour = tuple(int(v) for v in np.round(pixels.mean((0, 1))))
-        assert pixels.std((0, 1)).max() < 2  # solid colour survives resize and crop
-        found[colour] = int(label)
-    # Every image (grayscale, RGBA, palette, tiny upsampled, JPEG) is there with the right label.
-    for colour, label in expected.items():
-        match = [c for c in found if np.abs(np.subtract(c, colour)).max() <= 3]
-        assert len(match) == 1 and found[match[0]] == label, (colour, found)
-
-    with pytest.warns(UserWarning, match='Skipped 1'):
-        train = ip.make_train_iterator(cfg, 2, seed=0, process_index=0, process_count=1)
-    batch = next(train)
-    assert batch['image'].shape == (2, 16, 16, 3) and batch['label'].dtype == np.int32
-
-
-# ----------------------------------------------------------------------------- errors
+def test_bad_data_config_names_the_field(data_dir):
+    kwargs = dict(seed=0, process_index=0, process_count=1)
+    partial = {k: v for k, v in synthetic_config(data_dir).items() if k not in ('shuffle_buffer', 'synthetic_seed')}
+    missing = r'missing data\.shuffle_buffer, data\.synthetic_seed: .*base_config\(\)\.data'
+    with pytest.raises(ValueError, match=missing):
+        data.make_train_iterator(partial, 8, **kwargs)
+    with pytest.raises(ValueError, match=r'unknown data\.shufle_buffer \(check the spelling'):
+        data.make_eval_iterator(dict(synthetic_config(data_dir), shufle_buffer=4), 8, process_index=0,
+                                process_count=1)
+    bad = dict(source='imagenet', image_size=0, resize_ratio=0.5, random_flip='yes', shuffle_buffer=0,
+               in_memory_max_mb=-1, synthetic_seed=-1, synthetic_train_size=True, data_dir=3, name='')
+    for field, value in bad.items():
+        with pytest.raises(ValueError, match=rf'Bad data config: data\.{field}={value!r} must be '):
+            data.make_train_iterator(dict(synthetic_config(data_dir), **{field: value}), 8, **kwargs)
+    with pytest.raises(ValueError, match=r'data\.image_size=-32 .*; data\.resize_ratio=0\.9 '):  # all at once
+        data.num_classes(synthetic_config(data_dir, image_size=-32, resize_ratio=0.9))
+    with pytest.raises(ValueError, match=r"source='folder' needs data\.folder"):
+        data.num_classes(synthetic_config(data_dir, source='folder'))
+    with pytest.raises(TypeError, match='ConfigDict or a mapping'):
+        data.validate_config(['source'])
 
 
 def test_clear_errors_for_bad_input(tmp_path, data_dir):
     kwargs = dict(seed=0, process_index=0, process_count=1)
-    cfg = synthetic_config(data_dir, source='imagenet')
-    with pytest.raises(ValueError, match="source='imagenet' is unknown"):
-        ip.make_train_iterator(cfg, 8, **kwargs)
-    for size in (0, -32):
-        with pytest.raises(ValueError, match='image_size must be a positive int'):
-            ip.make_train_iterator(synthetic_config(data_dir, image_size=size), 8, **kwargs)
     with pytest.raises(ValueError, match='multiple of the process count 3'):
-        ip.make_train_iterator(synthetic_config(data_dir), 8, seed=0, process_index=0,
-                               process_count=3)
+        data.make_train_iterator(synthetic_config(data_dir), 8, seed=0, process_index=0, process_count=3)
     with pytest.raises(ValueError, match='multiple of the process count 3'):
-        ip.make_eval_iterator(synthetic_config(data_dir), 10, process_index=1, process_count=3)
+        data.make_eval_iterator(synthetic_config(data_dir), 10, process_index=1, process_count=3)
 
-    folder_cfg = ip.default_data_config()
-    folder_cfg.update(source='folder', folder=str(tmp_path / 'missing'))
+    folder_cfg = synthetic_config(data_dir, source='folder', folder=str(tmp_path / 'missing'))
     with pytest.raises(FileNotFoundError, match='does not exist'):
-        ip.make_train_iterator(folder_cfg, 8, **kwargs)
+        data.make_train_iterator(folder_cfg, 8, **kwargs)
     (tmp_path / 'flat').mkdir()
     PIL.Image.new('RGB', (8, 8)).save(tmp_path / 'flat' / 'loose.png')
     folder_cfg.folder = str(tmp_path / 'flat')
     with pytest.raises(ValueError, match='no class subfolders'):
-        ip.make_train_iterator(folder_cfg, 8, **kwargs)
+        data.make_train_iterator(folder_cfg, 8, **kwargs)
     (tmp_path / 'broken' / 'cls').mkdir(parents=True)
     (tmp_path / 'broken' / 'cls' / 'a.png').write_bytes(b'garbage')
     folder_cfg.folder = str(tmp_path / 'broken')
     with pytest.warns(UserWarning), pytest.raises(ValueError, match='no readable images'):
-        ip.make_train_iterator(folder_cfg, 8, **kwargs)
+        data.make_train_iterator(folder_cfg, 8, **kwargs)
 
 
 def test_tfds_errors_say_how_to_prepare(tmp_path):
-    cfg = ip.default_data_config()
+    cfg = base_config().data
     cfg.update(source='tfds', name='cifar10', data_dir=str(tmp_path))
-    assert ip.num_classes(cfg) == 10  # known without preparing the dataset
+    assert data.num_classes(cfg) == 10  # known without preparing the dataset
     with pytest.raises(FileNotFoundError, match='tfds build cifar10'):
-        ip.make_train_iterator(cfg, 8, seed=0, process_index=0, process_count=1)
+        data.make_train_iterator(cfg, 8, seed=0, process_index=0, process_count=1)
     cfg.update(name='imagenet2012', eval_split='validation')
     with pytest.raises(FileNotFoundError, match=r'ILSVRC2012_img_train\.tar.*downloads/manual'):
-        ip.make_eval_iterator(cfg, 8, process_index=0, process_count=1)
+        data.make_eval_iterator(cfg, 8, process_index=0, process_count=1)
     cfg.name = 'no_such_dataset_xyz'
     with pytest.raises(ValueError, match='not a TFDS dataset'):
-        ip.num_classes(cfg)
+        data.num_classes(cfg)
 
 
 def test_sliced_split_and_bad_split(data_dir):
     cfg = synthetic_config(data_dir, train_split='train[:100]+test[:28]', resize_ratio=1.0)
-    it = ip.make_train_iterator(cfg, 64, seed=0, process_index=0, process_count=1)
+    it = data.make_train_iterator(cfg, 64, seed=0, process_index=0, process_count=1)
     seen = set(d for b in take(it, 2) for d in digests(b['image']))  # one epoch: 2 steps
     expected = all_split_digests(cfg, 'train')[:100] + all_split_digests(cfg, 'test')[:28]
     assert seen == set(expected)
     with pytest.raises(ValueError, match="bad split 'validation'.*train_split / data.eval_split"):
-        ip.make_eval_iterator(synthetic_config(data_dir, eval_split='validation'), 8,
-                              process_index=0, process_count=1)
+        data.make_eval_iterator(synthetic_config(data_dir, eval_split='validation'), 8,
+                                process_index=0, process_count=1)
 
 
-def test_partial_config_takes_defaults(data_dir):
-    """Configs may name only some fields; the rest take default_data_config()'s values."""
-    import ml_collections
-    cfg = ml_collections.ConfigDict(dict(
-        source='synthetic', data_dir=data_dir, image_size=16,
-        synthetic_train_size=TRAIN_SIZE, synthetic_test_size=TEST_SIZE))
-    batch = next(ip.make_train_iterator(cfg, 4, seed=0))  # process layout from JAX: 1 process
+def test_process_layout_defaults_to_jax(data_dir):
+    batch = next(data.make_train_iterator(synthetic_config(data_dir, image_size=16), 4, seed=0))
     assert batch['image'].shape == (4, 16, 16, 3)
+
+
+def test_hiding_accelerators_from_tensorflow_is_a_call_not_an_import_side_effect(monkeypatch):
+    import tensorflow as tf
+    calls = []
+    monkeypatch.setattr(tf.config, 'set_visible_devices', lambda *args, **kwargs: calls.append((args, kwargs)))
+    for name in ('config', 'preprocessing', 'sources', 'iterators'):  # run their module code again
+        importlib.reload(importlib.import_module(f'var_jax.data.{name}'))
+    importlib.reload(data)
+    assert not calls, f'importing changed what TensorFlow sees: {calls}'
+    assert data.hide_accelerators_from_tensorflow() is True
+    assert len(calls) == 1, calls
+    (devices,), kwargs = calls[0]
+    assert not kwargs and devices and {d.device_type for d in devices} == {'CPU'}, calls

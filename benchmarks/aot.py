@@ -1,0 +1,248 @@
+"""Compiles var_jax's real programs for a TPU topology on a host without one (deviceless AOT) and reports
+compile time, per-chip memory and XLA's cost model. Needs libtpu: a separate venv with
+requirements-tpu.txt (README, Benchmarks); the CPU venv of the project does not need it.
+
+    python benchmarks/aot.py --config=configs/var_d16.py --topology v5p:2x2x1 --batch_per_chip 64
+    python benchmarks/aot.py --config=configs/var_d30.py --topology v5p:2x2x4 --fsdp 16 --programs transformer
+
+Programs (--programs): 'transformer' (the transformer train step of var_jax.trainers.transformer, tokenizing
+included), 'tokenizer' (the tokenizer train step, reconstruction + VQ loss) on every chip of the topology,
+and 'sampler' (var_jax.sampling's compiled sampler: cfg on, the config's top-k / top-p, decode included)
+on one chip. One table row per program:
+
+- compile s: trace + lower + compile on this host. arg / temp / out GiB: per chip, from XLA's memory
+  analysis; fits: arguments + temporaries + outputs (minus donated aliases) <= the chip's HBM.
+- TFLOP/chip and est. s: XLA's cost analysis ('flops', 'optimal_seconds'). XLA counts the body of a
+  while loop once, so for scanned blocks (var.scan) (depth - 1) x one block's cost is added, taken from the
+  blocks alone compiled unrolled at depth 2 minus depth 1; and for the sampler's 32-pass top-k / top-p
+  threshold searches 31 x their once-counted cost (the token filters compiled with and without them).
+- img/s = batch / est. s (all chips); MFU = analytic model FLOPs (benchmarks/common.analytic_flops) per
+  chip / est. s / the chip's peak bf16 FLOP/s.
+"""
+import os
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')          # compile for the TPU topology, run nothing
+os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')        # not on a TPU VM: no metadata server to ask
+os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5p-8')  # quiets libtpu's start-up checks; not the target
+os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # several compiles may run side by side
+
+import dataclasses  # noqa: E402
+import time  # noqa: E402
+
+import common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax.experimental import topologies  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from var_jax import sampling, sharding  # noqa: E402
+from var_jax.models import attention  # noqa: E402
+
+common.define_config_flag()
+flags.DEFINE_string('topology', 'v5p:2x2x1', 'TPU topology, e.g. v4:2x2x1, v5e:2x2, v5p:2x2x4, v6e:2x2')
+flags.DEFINE_list('programs', ['transformer', 'tokenizer', 'sampler'], 'programs to compile')
+flags.DEFINE_integer('batch_per_chip', None, 'train batch per chip (default: the config\'s batch / chips)')
+flags.DEFINE_integer('sample_batch', 64, 'sampler batch (one chip; doubled inside for cfg)')
+flags.DEFINE_integer('fsdp', None, 'chips per FSDP group (default: config.mesh.fsdp, capped at the chips)')
+flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'transformer compute dtype (default: the config\'s)')
+flags.DEFINE_enum('remat', None, ['none', 'dots', 'full'], 'per-block rematerialisation (default: the config\'s)')
+flags.DEFINE_enum('attention', None, list(attention.IMPLEMENTATIONS), 'attention kernel (default: the config\'s)')
+flags.DEFINE_bool('scan', None, 'scan over the blocks (default: the config\'s)')
+flags.DEFINE_bool('correct_loops', True, 'correct XLA\'s once-per-loop cost counts (extra small compiles)')
+FLAGS = flags.FLAGS
+
+# Per chip: bf16 peak TFLOP/s, HBM GiB, TensorCores (a v4 topology lists each core as a device).
+CHIPS = {'TPU v4': (275.0, 32.0, 2), 'TPU v5 lite': (197.0, 16.0, 1), 'TPU v5': (459.0, 95.0, 2),
+         'TPU v6 lite': (918.0, 32.0, 1)}
+
+
+@dataclasses.dataclass
+class Row:
+    program: str
+    chips: int
+    batch: int           # global batch (sampler: images)
+    compile_s: float
+    arg: float
+    temp: float
+    out: float
+    fits: bool
+    tflop: float         # per chip
+    est_s: float
+    model_flops: float   # analytic, per chip
+
+    def cells(self, peak):
+        mfu = self.model_flops / self.est_s / (peak * 1e12) * 100 if self.model_flops else float('nan')
+        return [self.program, str(self.chips), str(self.batch), f'{self.compile_s:.0f}', f'{self.arg:.2f}',
+                f'{self.temp:.2f}', f'{self.out:.2f}', 'yes' if self.fits else 'NO', f'{self.tflop:.1f}',
+                f'{self.est_s:.3f}', f'{self.batch / self.est_s:.0f}', f'{mfu:.0f}%' if mfu == mfu else '-']
+
+
+HEADER = ['program', 'chips', 'batch', 'compile s', 'arg GiB', 'temp GiB', 'out GiB', 'fits HBM',
+          'TFLOP/chip', 'est. s', 'est. img/s', 'MFU']
+
+
+def device_info(device):
+    peak, hbm, cores = CHIPS.get(device.device_kind, (float('nan'), float('nan'), 1))
+    share = getattr(device, 'num_cores', cores) / cores  # the part of a chip one device is
+    return peak * share, hbm * share
+
+
+def cost(compiled):
+    c = compiled.cost_analysis()
+    c = c[0] if isinstance(c, (list, tuple)) else c
+    return float(c.get('flops', 0.0)), float(c.get('optimal_seconds', float('nan')))
+
+
+def memory(compiled, hbm):
+    m = compiled.memory_analysis()
+    g = lambda b: b / 2**30
+    arg, temp, out, alias = (g(m.argument_size_in_bytes), g(m.temp_size_in_bytes), g(m.output_size_in_bytes),
+                             g(m.alias_size_in_bytes))
+    return arg, temp, out, arg + temp + out - alias <= hbm
+
+
+def build(config, name, mesh, device, batch, var_overrides=None):
+    """(jitted fn, abstract args) of program `name` for config (with var fields overridden)."""
+    if var_overrides:
+        config = config.copy_and_resolve_references()
+        config.var.update(var_overrides)
+    vqvae, var = common.models(config)
+    if name == 'transformer':
+        fn, args, _ = common.transformer_program(config, vqvae, var, mesh, batch)
+    elif name == 'tokenizer':
+        fn, args, _ = common.tokenizer_program(config, vqvae, mesh, batch)
+    else:
+        fn, args = common.sampler_program(config, vqvae, var, device, batch)
+    return fn, args, var
+
+
+def compile_program(config, name, mesh, device, batch, var_overrides=None):
+    fn, args, var = build(config, name, mesh, device, batch, var_overrides)
+    t = time.perf_counter()
+    with jax.set_mesh(mesh):  # splash attention runs per device under the mesh (models/attention.py)
+        compiled = fn.lower(*args).compile()
+    return compiled, time.perf_counter() - t, var
+
+
+def corrected_cost(config, name, mesh, device, batch, compiled):
+    """XLA's (flops, seconds) of the program with every loop iteration counted (see the docstring).
+
+    The scanned blocks: (depth - 1) x the difference between the blocks alone at depth 2 and at depth 1
+    (unrolled), as the program runs them. The sampler's threshold searches: 31 x the difference between
+    the token filters of every scale with and without top-k / top-p (each search loop counted once).
+    """
+    f, s = cost(compiled)
+    vqvae, var = common.models(config)
+    if var.scan and var.depth > 1:
+        (f1, s1), (f2, s2) = (cost(_compile(*_blocks_only(config, name, mesh, device, batch, d), mesh))
+                              for d in (1, 2))
+        f, s = f + (var.depth - 1) * (f2 - f1), s + (var.depth - 1) * (s2 - s1)
+    sample = config.sample
+    if name == 'sampler' and (sample.top_k > 0 or sample.top_p > 0):
+        (f_on, s_on), (f_off, s_off) = (cost(_compile(*_filters(var, device, batch, k, p), mesh))
+                                        for k, p in ((sample.top_k, sample.top_p), (0, 0.0)))
+        f, s = f + 31 * (f_on - f_off), s + 31 * (s_on - s_off)
+    return f, s
+
+
+def _compile(fn, args, mesh):
+    with jax.set_mesh(mesh):
+        return fn.lower(*args).compile()
+
+
+def _blocks_only(config, name, mesh, device, batch, depth):
+    """The VAR alone at `depth` (unrolled): training's forward + backward, or the sampler's cached steps
+    over every scale on the cfg-doubled batch."""
+    c = config.copy_and_resolve_references()
+    c.var.update(dict(depth=depth, scan=False))
+    _, var = common.models(c)
+    shapes = jax.eval_shape(common.var_init_fn(var), jax.random.PRNGKey(0))
+    L = common.seq_len(var)
+    if name == 'transformer':
+        params = common.with_shardings(shapes, sharding.param_sharding(mesh, shapes))
+        bs = sharding.batch_sharding(mesh)
+        x = jax.ShapeDtypeStruct((batch, L - var.patch_nums[0] ** 2, var.cvae), jnp.float32, sharding=bs)
+        labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=bs)
+        loss = lambda p, labels, x: var.apply({'params': p}, labels, x, train=True,
+                                              rngs={'dropout': jax.random.PRNGKey(0)}).mean()
+        return jax.jit(jax.grad(loss)), (params, labels, x)
+    one = jax.sharding.SingleDeviceSharding(device)
+    params = common.with_shardings(shapes, jax.tree.map(lambda _: one, shapes))
+    labels = jax.ShapeDtypeStruct((2 * batch,), jnp.int32, sharding=one)
+
+    def steps(p, labels):
+        v = var.bind({'params': p})
+        cond = v.cond(labels)
+        x, cache, out = v.start_tokens(cond), v.init_cache(2 * batch), []
+        for si, pn in enumerate(var.patch_nums):
+            logits, cache = v.step(si, x, cond, cache)
+            out.append(logits)
+            if si + 1 < len(var.patch_nums):
+                x = v.scale_tokens(si + 1, jnp.zeros((2 * batch, var.patch_nums[si + 1] ** 2, var.cvae)))
+        return out
+    return jax.jit(steps), (params, labels)
+
+
+def _filters(var, device, batch, top_k, top_p):
+    """The sampler's token draw (top-k / top-p filter, categorical) for every scale's logits."""
+    one = jax.sharding.SingleDeviceSharding(device)
+    logits = [jax.ShapeDtypeStruct((batch, pn * pn, var.vocab_size), jnp.float32, sharding=one)
+              for pn in var.patch_nums]
+
+    def draw(logits):
+        key = jax.random.PRNGKey(0)
+        return [sampling.sample_logits(key, z, top_k=int(top_k), top_p=jnp.float32(top_p), use_top_p=top_p > 0)[0]
+                for z in logits]
+    return jax.jit(draw), (logits,)
+
+
+def main(_):
+    config = common.config()
+    overrides = {k: getattr(FLAGS, k) for k in ('dtype', 'remat', 'attention', 'scan') if getattr(FLAGS, k) is not None}
+    config.var.update(overrides)
+    topo = topologies.get_topology_desc(topology_name=FLAGS.topology, platform='tpu')
+    devices = topo.devices
+    n = len(devices)
+    fsdp = FLAGS.fsdp or min(config.mesh.fsdp, n)
+    mesh = sharding.make_mesh(fsdp, devices=devices)
+    one = sharding.make_mesh(1, devices=devices[:1])
+    peak, hbm = device_info(devices[0])
+    vqvae, var = common.models(config)
+    print(f'{FLAGS.topology}: {n} x {devices[0].device_kind} (peak {peak:.0f} TFLOP/s bf16, {hbm:.0f} GiB HBM '
+          f'per device); {config_flags.get_config_filename(FLAGS["config"])}: VAR d{var.depth} '
+          f'{common.seq_len(var)} tokens {vqvae.image_size} px, {var.dtype}, scan {var.scan}, remat {var.remat}, '
+          f'attention {var.attention} (-> {_resolved(var)}), fsdp {fsdp}; jax {jax.__version__}', flush=True)
+    rows = []
+    with attention.compile_target('tpu'):
+        for name in FLAGS.programs:
+            if name == 'sampler':
+                mesh_p, chips, batch = one, 1, FLAGS.sample_batch
+            else:
+                cfg_batch = config.transformer.batch_size if name == 'transformer' else config.tokenizer.batch_size
+                mesh_p, chips = mesh, n
+                batch = (FLAGS.batch_per_chip or max(cfg_batch // n, 1)) * n
+            compiled, secs, var = compile_program(config, name, mesh_p, devices[0], batch)
+            print(f'  compiled {name} in {secs:.0f} s', flush=True)
+            f, s = cost(compiled)
+            if FLAGS.correct_loops and name != 'tokenizer':
+                f, s = corrected_cost(config, name, mesh_p, devices[0], batch, compiled)
+            model = {'transformer': common.analytic_flops(var, batch // chips),
+                     'sampler': common.analytic_flops(var, 2 * batch, train=False)}.get(name, 0.0)
+            rows.append(Row(name, chips, batch, secs, *memory(compiled, hbm), f / 1e12, s, model))
+    cells = [HEADER] + [r.cells(peak) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
+    for i, c in enumerate(cells):
+        print('| ' + ' | '.join(x.rjust(w) for x, w in zip(c, widths)) + ' |')
+        if i == 0:
+            print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+
+
+def _resolved(var):
+    with attention.compile_target('tpu'):
+        return attention.resolve(var.attention, var.dtype)
+
+
+if __name__ == '__main__':
+    app.run(main)

@@ -1,0 +1,89 @@
+"""Params files: "model config + params" on disk, what a run exports and what the converter writes.
+
+    model.json   the models' constructor arguments ({'vae': {...}, 'var': {...}})
+    params/      their params, one orbax tree {'vae': ..., 'var': ...}
+
+model.json is written last, so a directory that has one holds complete params.
+"""
+import json
+import os
+from typing import Mapping
+
+import jax
+import orbax.checkpoint as ocp
+
+from var_jax.checkpoint.train_state import atomic_write_json
+from var_jax.sharding import PyTree
+
+
+class ParamsFileError(ValueError):
+    """A params directory that is missing, unreadable or does not fit the model it should hold."""
+
+
+def model_config(model) -> dict:
+    """Constructor kwargs of a linen module (its dataclass fields), JSON-friendly."""
+    out = {}
+    for name in model.__dataclass_fields__:
+        if name in ('parent', 'name'):
+            continue
+        v = getattr(model, name)
+        out[name] = str(jax.numpy.dtype(v)) if name == 'dtype' else list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def save_pretrained(out_dir: str, model_configs: Mapping[str, dict], params: Mapping[str, PyTree]) -> None:
+    """Writes params (out_dir/params, orbax) and their models' constructor kwargs (out_dir/model.json).
+
+    model_configs / params: {'vae': ..., 'var': ...} (either may be absent). model.json is written last,
+    so a directory with a model.json holds complete params.
+    """
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(out_dir, 'params'), dict(params), force=True)
+    cfgs = {name: {k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}
+            for name, c in model_configs.items()}
+    atomic_write_json(os.path.join(out_dir, 'model.json'), cfgs)
+
+
+def load_model_config(ckpt_dir: str) -> dict:
+    """The model.json of a params directory: {'vae': kwargs[, 'var': kwargs]}, checked; cheap (no params)."""
+    cfg_path = os.path.join(os.path.abspath(ckpt_dir), 'model.json')
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f'{cfg_path} not found: {ckpt_dir} is not a converted checkpoint or a run\'s '
+                                f'export; create one with python -m var_jax.convert --vae ... --var ... '
+                                f'--out {ckpt_dir}')
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        if not isinstance(cfg, dict) or not cfg or not set(cfg) <= {'vae', 'var'} or \
+                not all(isinstance(c, dict) for c in cfg.values()):
+            raise ValueError('expected {"vae": {...}, "var": {...}}')
+    except ValueError as e:
+        raise ParamsFileError(f'{cfg_path} is not a valid model config ({e}); re-create the directory with '
+                              f'python -m var_jax.convert or re-export the run') from None
+    return {name: {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()} for name, c in cfg.items()}
+
+
+def load_pretrained(ckpt_dir: str):
+    """Reads what `save_pretrained` wrote: ({'vae': kwargs, 'var': kwargs}, {'vae': params, 'var': params})."""
+    cfg = load_model_config(ckpt_dir)
+    params_dir = os.path.join(os.path.abspath(ckpt_dir), 'params')
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(params_dir)
+    except Exception as e:  # orbax raises many kinds for a damaged tree
+        raise ParamsFileError(f'cannot read the params in {params_dir} ({type(e).__name__}: '
+                              f'{str(e).splitlines()[0] if str(e) else ""}); the directory is incomplete or '
+                              f'damaged: re-create it with python -m var_jax.convert or re-export the run') from None
+    if set(params) != set(cfg):
+        raise ParamsFileError(f'{ckpt_dir}: model.json describes {sorted(cfg)} but params/ holds {sorted(params)}')
+    return cfg, params
+
+
+def check_model_config(name: str, saved: Mapping, model) -> None:
+    """Raises if the model built from the run config differs from the saved one (e.g. init_from's)."""
+    for k, v in saved.items():
+        if k != 'dtype' and getattr(model, k, v) != v:
+            raise ValueError(f'init_from {name} has {k}={v} but the config builds {k}={getattr(model, k)}; '
+                             f'set config.{name}.{k} = {v!r} (or leave init_from empty)')

@@ -1,0 +1,254 @@
+"""The evaluation command (`python main.py --mode=eval`): FID, sFID, IS, precision and recall of a VAR.
+
+    python main.py --config=configs/var_d16.py --mode=eval --config.init_from=checkpoints/var_d16 \
+        --config.eval.inception_path=checkpoints/inception_fid.npz \
+        --config.eval.reference=VIRTUAL_imagenet256_labeled.npz
+
+It samples config.eval.num_images images with the config's sampling settings (config.sample.*) in
+shards of config.eval.batch_size, split over all devices, keeps each shard's uint8 images and Inception
+features under workdir/eval/samples (an interrupted evaluation resumes from the shards on disk), then
+scores them against the reference statistics (`reference_stats.py`) and writes eval/results.json,
+TensorBoard scalars (eval/tb) and the samples as an ADM sample batch (eval/samples_NxRxRx3.npz,
+uint8 NHWC in arr_0, labels in arr_1) for a cross-check with the ADM suite.
+
+During training, `training_fid_setup` + `fid_of_samples` score samples against the cached reference.
+"""
+import json
+import logging
+import os
+import time
+import zipfile
+from typing import Optional
+
+import jax
+import numpy as np
+
+from var_jax import checkpoint, generate, metrics, reference_stats, sampling, sharding
+from var_jax.fileio import atomic_write
+
+SAMPLE_KEYS = ('cfg', 'top_k', 'top_p', 'temperature', 'more_smooth', 'seed', 'labels')
+
+
+class EvalSettingsError(ValueError):
+    """Shards on disk that another evaluation (other settings) wrote."""
+
+
+def _check_config(config) -> int:
+    """Shard size (a multiple of the device count); refuses settings that cannot evaluate."""
+    e, n_dev = config.eval, jax.device_count()
+    if e.num_images < max(e.is_splits, e.pr_k + 1, 2):
+        raise ValueError(f'eval.num_images={e.num_images} is too small: the Inception Score takes '
+                         f'eval.is_splits={e.is_splits} splits and precision/recall k={e.pr_k} neighbours')
+    if e.batch_size < 1 or e.num_images % e.batch_size:
+        fits = max(d for d in range(1, max(e.batch_size, 1) + 1) if e.num_images % d == 0)
+        raise ValueError(f'eval.num_images={e.num_images} is not divisible by eval.batch_size={e.batch_size}: '
+                         f'every shard must be a full batch; choose e.g. --config.eval.batch_size={fits}')
+    if e.batch_size % n_dev:
+        raise ValueError(f'eval.batch_size={e.batch_size} must be a multiple of the {n_dev} devices')
+    return e.batch_size
+
+
+def _model_source(config, workdir: str) -> str:
+    for path in [os.path.join(workdir, 'export')] + ([config.init_from] if config.init_from else []):
+        cfg_path = os.path.join(path, 'model.json')
+        if os.path.exists(cfg_path):
+            with open(cfg_path) as f:
+                if 'var' in json.load(f):
+                    return os.path.abspath(path)
+    return ''
+
+
+def _global(x):
+    """Host numpy of a (possibly multi-host) sharded array."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _shard_path(shard_dir: str, i: int) -> str:
+    return os.path.join(shard_dir, f'shard_{i:06d}.npz')
+
+
+def _load_shard(path: str, batch: int, size: int) -> Optional[dict]:
+    """A finished shard, or None when it is missing or unreadable (a kill cannot tear it: writes are atomic)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with np.load(path) as f:
+            shard = {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    ok = shard.get('images', np.zeros(0)).shape == (batch, size, size, 3) and all(
+        k in shard and len(shard[k]) == batch for k in ('labels',) + metrics.InceptionFeatures.KEYS)
+    return shard if ok else None
+
+
+def _check_settings(shard_dir: str, settings: dict) -> None:
+    path = os.path.join(shard_dir, 'settings.json')
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
+        if diff:
+            raise EvalSettingsError(
+                f'{shard_dir} holds samples of another evaluation; differing settings (on disk, now): {diff}. '
+                f'Delete {shard_dir} to start over, or evaluate in another --workdir')
+    elif jax.process_index() == 0:
+        os.makedirs(shard_dir, exist_ok=True)
+        checkpoint.atomic_write_json(path, settings)
+
+
+def _sample_shards(config, workdir, models, extractor, settings, batch: int) -> tuple:
+    """Samples every missing shard; returns (shard paths, images per second of this run)."""
+    from tqdm import tqdm
+    e, s = config.eval, config.sample
+    vqvae, vae_params, var, var_params = models
+    shard_dir = os.path.join(workdir, 'eval', 'samples')
+    _check_settings(shard_dir, settings)
+    labels = sampling.parse_labels(s.labels, e.num_images, var.num_classes)  # '' = 0, 1, 2, ...: N / C per class
+    labels = np.where(labels < 0, var.num_classes, labels)
+    mesh, n = extractor.mesh, e.num_images // batch
+    rep = sharding.replicated(mesh)
+    vae_params, var_params = jax.device_put((vae_params, var_params), rep)
+    to_uint8 = jax.jit(lambda x: (jax.numpy.clip(x, 0, 1) * 255).astype(jax.numpy.uint8))  # as metrics.to_uint8
+    key = jax.random.PRNGKey(s.seed)
+    paths = [_shard_path(shard_dir, i) for i in range(n)]
+    todo = [i for i in range(n) if _load_shard(paths[i], batch, vqvae.image_size) is None]
+    if len(todo) < n and jax.process_index() == 0:
+        print(f'eval: {n - len(todo)} of {n} shards already sampled in {shard_dir}; sampling the rest', flush=True)
+    t0 = time.time()
+    bar = tqdm(total=n, initial=n - len(todo), desc='eval sampling', unit='shard', disable=jax.process_index() != 0)
+    for i in todo:
+        chunk = labels[i * batch:(i + 1) * batch]
+        out = sampling.sample(vqvae, vae_params, var, var_params,
+                              jax.make_array_from_callback(chunk.shape, sharding.batch_sharding(mesh),
+                                                           lambda idx: chunk[idx]),
+                              jax.random.fold_in(key, i), cfg=s.cfg, top_k=s.top_k, top_p=s.top_p,
+                              temperature=s.temperature, more_smooth=s.more_smooth)
+        images = to_uint8(out['images'])
+        feats = extractor(images)
+        if jax.process_index() == 0:
+            with atomic_write(paths[i]) as tmp:
+                np.savez(tmp, images=_global(images), labels=chunk, **feats)
+        bar.update(1)
+        bar.set_postfix_str(f'{(todo.index(i) + 1) * batch / (time.time() - t0):.1f} img/s')
+    bar.close()
+    return paths, (len(todo) * batch / (time.time() - t0) if todo else None)
+
+
+def _write_adm_npz(path: str, shard_paths, batch: int, size: int) -> None:
+    """The ADM sample batch: arr_0 uint8 (N, R, R, 3), arr_1 int labels, streamed shard by shard."""
+    shape = (len(shard_paths) * batch, size, size, 3)
+    labels = []
+    with atomic_write(path) as tmp, zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED, allowZip64=True) as z:
+        with z.open('arr_0.npy', 'w', force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {'descr': '|u1', 'fortran_order': False, 'shape': shape})
+            for p in shard_paths:
+                with np.load(p) as shard:
+                    f.write(np.ascontiguousarray(shard['images']).tobytes())
+                    labels.append(shard['labels'])
+        with z.open('arr_1.npy', 'w') as f:
+            np.lib.format.write_array(f, np.concatenate(labels).astype(np.int64))
+
+
+def score(shard_paths, ref: dict, config, mesh=None) -> dict:
+    """Every metric of the sampled shards against a reference (see reference_stats.reference_statistics)."""
+    e = config.eval
+    pool, spatial = metrics.FeatureStats(2048), metrics.FeatureStats(reference_stats.SPATIAL_DIM)
+    pool_feats, logits = [], []
+    for p in shard_paths:
+        with np.load(p) as shard:
+            pool.update(shard['pool'])
+            spatial.update(shard['spatial'])
+            pool_feats.append(shard['pool'])
+            logits.append(shard['logits_unbiased'])
+    return summarize(pool, spatial, np.concatenate(pool_feats), np.concatenate(logits), ref, e.is_splits, e.pr_k,
+                     mesh)
+
+
+def summarize(pool, spatial, pool_features, logits, ref: dict, is_splits: int = 10, pr_k: int = 3,
+              mesh=None) -> dict:
+    """FID and sFID from streamed statistics, IS from the logits, precision/recall from the pool features."""
+    mu, sigma = pool.mean_cov()
+    mu_s, sigma_s = spatial.mean_cov()
+    is_mean, is_std = metrics.inception_score(logits, is_splits)
+    precision, recall = metrics.precision_recall(ref['pool'], pool_features, pr_k, mesh=mesh)
+    return {'fid': metrics.frechet_distance(mu, sigma, ref['mu'], ref['sigma']),
+            'sfid': metrics.frechet_distance(mu_s, sigma_s, ref['mu_s'], ref['sigma_s']),
+            'inception_score': is_mean, 'inception_score_std': is_std, 'precision': precision, 'recall': recall}
+
+
+def run(config, workdir: str) -> dict:
+    """`--mode=eval`: samples, scores and writes workdir/eval/{results.json, tb/, samples_*.npz}; returns the results.
+
+    TensorBoard scalars eval/{fid, sfid, inception_score, precision, recall} are logged at step num_images.
+    """
+    e, s = config.eval, config.sample
+    batch = _check_config(config)
+    params = reference_stats.load_inception(e.inception_path)  # before anything slow: a missing file fails at once
+    mesh = sharding.make_mesh(1)
+    extractor = metrics.InceptionFeatures(params, mesh)
+    models = generate.load_models(config, workdir)
+    size = models[0].image_size
+    ref = reference_stats.reference_statistics(config, extractor, size)
+    source = _model_source(config, workdir)
+    settings = {'checkpoint': source, 'num_images': e.num_images, 'batch_size': batch, 'image_size': size,
+                'inception': extractor.fingerprint, **{k: s[k] for k in SAMPLE_KEYS}}
+    t0 = time.time()
+    shard_paths, img_per_s = _sample_shards(config, workdir, models, extractor, settings, batch)
+    t1 = time.time()
+    results = score(shard_paths, ref, config, mesh)
+    out_dir = os.path.join(workdir, 'eval')
+    npz = os.path.join(out_dir, f'samples_{e.num_images}x{size}x{size}x3.npz')
+    results.update(
+        num_images=e.num_images, image_size=size, checkpoint=source,
+        sampling={k: s[k] for k in SAMPLE_KEYS}, batch_size=batch,
+        reference=dict(ref['settings'], stats_from=ref['stats_from'], num_images=int(len(ref['pool']))),
+        inception={'path': os.path.abspath(e.inception_path), 'fingerprint': extractor.fingerprint},
+        samples_npz=npz, devices=jax.device_count(), backend=jax.default_backend(),
+        sampling_images_per_s=img_per_s, sampling_s=round(t1 - t0, 1), scoring_s=round(time.time() - t1, 1))
+    if jax.process_index() == 0:
+        if e.write_npz:
+            _write_adm_npz(npz, shard_paths, batch, size)
+        checkpoint.atomic_write_json(os.path.join(out_dir, 'results.json'), results)
+        from flax.metrics import tensorboard
+        writer = tensorboard.SummaryWriter(os.path.join(out_dir, 'tb'))
+        for k in ('fid', 'sfid', 'inception_score', 'precision', 'recall'):
+            writer.scalar(f'eval/{k}', results[k], e.num_images)
+        writer.close()
+        print(f'eval of {source} ({e.num_images} images, cfg {s.cfg}, top-k {s.top_k}, top-p {s.top_p}): '
+              f'FID {results["fid"]:.3f}  sFID {results["sfid"]:.3f}  IS {results["inception_score"]:.2f}  '
+              f'precision {results["precision"]:.3f}  recall {results["recall"]:.3f}  -> '
+              f'{os.path.join(out_dir, "results.json")}')
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# FID during training
+# ------------------------------------------------------------------------------------------------
+def training_fid_setup(config, image_size: int, mesh=None):
+    """(reference, extractor) for `fid_of_samples`, or None (with one log line) without Inception weights."""
+    if not config.eval.inception_path:
+        logging.warning('FID during training is off: no Inception weights (set --config.eval.inception_path to the '
+                     '.npz of python -m var_jax.convert --inception %s)', reference_stats.inception.PTH_FILE)
+        return None
+    extractor = metrics.InceptionFeatures(reference_stats.load_inception(config.eval.inception_path), mesh)
+    return reference_stats.reference_statistics(config, extractor, image_size), extractor
+
+
+def fid_of_samples(images, ref: dict, extractor: 'metrics.InceptionFeatures', batch_size: int = 64) -> float:
+    """FID of images ((N, R, R, 3) in [0, 1], or uint8), the same on every host, against a reference_stats."""
+    images = np.asarray(images)
+    images = images if images.dtype == np.uint8 else metrics.to_uint8(images)
+    n_dev = extractor.mesh.devices.size
+    batch = -(-min(batch_size, len(images)) // n_dev) * n_dev
+    stats = metrics.FeatureStats(2048)
+    for lo in range(0, len(images), batch):
+        chunk = images[lo:lo + batch]
+        padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], np.uint8)])
+        batch_array = jax.make_array_from_callback(padded.shape, sharding.batch_sharding(extractor.mesh),
+                                                   lambda idx: padded[idx])  # every host holds all images
+        stats.update(extractor(batch_array)['pool'][:len(chunk)])
+    mu, sigma = stats.mean_cov()
+    return metrics.frechet_distance(mu, sigma, ref['mu'], ref['sigma'])

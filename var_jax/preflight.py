@@ -1,0 +1,114 @@
+"""Checks everything a run's settings can tell before anything is compiled, read or written.
+
+A bad setting found after a minute of compiling (or at the end of training, losing the work) is the
+worst kind of error; `check` finds them all at start-up and raises one ConfigError that lists each
+field with what it must hold. main.py calls it for every mode; library users can too.
+"""
+import numbers
+import os
+
+import jax
+
+from var_jax import checkpoint, sampling
+
+MODES = ('train', 'sample', 'eval')
+STAGES = ('tokenizer', 'transformer')
+
+
+class ConfigError(ValueError):
+    """Settings that cannot work; the message names every bad field and the fix."""
+
+
+def _int(value, low):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
+
+
+def stages_of(config) -> list:
+    """The stage names of config.stages, in order."""
+    return [s.strip() for s in str(config.stages).split(',') if s.strip()]
+
+
+def check(config, mode: str, workdir: str) -> None:
+    """Raises ConfigError naming every setting of `config` that cannot work for `mode` in `workdir`."""
+    problems = []
+    need = lambda ok, msg: ok or problems.append(msg)
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    if mode == 'train':
+        stages = stages_of(config)
+        need(stages and set(stages) <= set(STAGES),
+             f'stages={config.stages!r}: use "tokenizer", "transformer" or "tokenizer,transformer"')
+        for stage in set(stages) & set(STAGES):
+            cfg = config[stage]
+            need(_int(cfg.total_steps, 1), f'{stage}.total_steps={cfg.total_steps!r} must be an int >= 1')
+            if not _int(cfg.batch_size, 1):
+                problems.append(f'{stage}.batch_size={cfg.batch_size!r} must be an int >= 1')
+            else:
+                need(cfg.batch_size % n_dev == 0,
+                     f'{stage}.batch_size={cfg.batch_size} is not divisible by the {n_dev} devices (the batch is '
+                     f'split over all of them); use a multiple of {n_dev}, e.g. {max(n_dev, cfg.batch_size // n_dev * n_dev)}')
+        for field in ('log_every', 'save_every', 'sample_every', 'keep_checkpoints'):
+            need(_int(config[field], 1), f'{field}={config[field]!r} must be an int >= 1')
+        for name, value in (('eval_every', config.eval_every), ('eval.val_batches', config.eval.val_batches),
+                            ('eval.train_num_images', config.eval.train_num_images)):
+            need(_int(value, 0), f'{name}={value!r} must be an int >= 0 (0: off)')
+        need(_int(config.mesh.fsdp, 1) and n_dev % config.mesh.fsdp == 0,
+             f'mesh.fsdp={config.mesh.fsdp!r} must divide the number of devices ({n_dev})')
+        tok = config.tokenizer
+        if 'tokenizer' in stages and tok.perceptual_weight > 0:
+            need(os.path.isfile(tok.perceptual_weights_path),
+                 f'tokenizer.perceptual_weight={tok.perceptual_weight} needs tokenizer.perceptual_weights_path, an '
+                 f'existing .npz (got {tok.perceptual_weights_path!r}); see README, Train')
+    if mode in ('train', 'eval'):
+        from var_jax import data  # validate_config does not load TensorFlow
+        try:
+            data.validate_config(config.data)
+        except ValueError as e:
+            problems.append(str(e))
+        R = config.vae.patch_nums[-1] * 2 ** (len(config.vae.ch_mult) - 1)
+        need(config.data.image_size == R,
+             f'data.image_size={config.data.image_size} but the tokenizer maps {R} px images to its last scale '
+             f'{config.vae.patch_nums[-1]}; set data.image_size={R} or change vae.patch_nums / vae.ch_mult')
+    if config.var.embed_dim % config.var.num_heads:
+        problems.append(f'var.embed_dim={config.var.embed_dim} is not divisible by var.num_heads={config.var.num_heads}')
+    problems += _sample_problems(config.sample, config.vae.vocab_size, n_dev)
+    if config.init_from:
+        try:
+            checkpoint.load_model_config(config.init_from)
+        except (OSError, ValueError) as e:
+            problems.append(f'init_from: {e}')
+    problems += _workdir_problems(workdir, n_proc)
+    if problems:
+        raise ConfigError('the settings cannot work:\n  - ' + '\n  - '.join(problems))
+
+
+def _sample_problems(s, vocab_size: int, n_dev: int) -> list:
+    """config.sample: used by --mode=sample / eval and by the sample grids during training."""
+    problems = []
+    for field in ('num_images', 'batch_size', 'ncols'):
+        if not _int(s[field], 1):
+            problems.append(f'sample.{field}={s[field]!r} must be an int >= 1')
+    try:
+        sampling.check_settings(cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, temperature=s.temperature,
+                                vocab_size=vocab_size)
+    except ValueError as e:
+        problems.append(f'sample.{e}')
+    try:
+        sampling.parse_labels(s.labels, 1, 1 << 30)
+    except ValueError as e:
+        problems.append(str(e))
+    return problems
+
+
+def _workdir_problems(workdir: str, n_proc: int) -> list:
+    """The workdir must be a directory this process can create and write (checked by writing a probe file)."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        return [f'--workdir={workdir} is a file; give a directory (it is created if missing)']
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f'.write_test.{os.getpid()}')
+        with open(probe, 'w') as f:
+            f.write('ok')
+        os.remove(probe)
+    except OSError as e:
+        return [f'--workdir={workdir} is not writable ({e.strerror}); give a directory you can write']
+    return []

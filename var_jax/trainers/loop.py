@@ -1,0 +1,205 @@
+"""What both training stages share: the train state, the NaN guard, models from the config, and `fit`.
+
+A stage is a pure, jitted step `(state, *frozen, batch[, token_weights]) -> (state, metrics)` over one
+mesh with explicit shardings (params replicated or FSDP-split, batch split over all devices, state
+donated). `fit` drives it: resume, checkpoints, preemption, the progress line, TensorBoard, sample grids.
+"""
+import logging
+import os
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from var_jax import api, checkpoint, sharding
+
+# Config fields a run may change when it resumes: schedule length and bookkeeping, never the model or data.
+RESUMABLE_KEYS = ('*total_steps', '*log_every*', '*eval_every*', '*sample_every*', '*save_every*',
+                  '*keep_checkpoints*', 'sample', 'sample.*', 'mesh', 'mesh.*', 'distributed', 'stages',
+                  '*perceptual_weights_path', 'eval', 'eval.*')
+# Config sections a stage's checkpoints do not depend on: the other stage's own settings (so the
+# transformer can be retuned on a finished tokenizer, and the reverse, in the same workdir).
+OTHER_STAGE_KEYS = {'tokenizer': ('transformer', 'var'), 'transformer': ('tokenizer',)}
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN/Inf; the offending update was not applied."""
+
+
+class Preempted(Exception):
+    """SIGTERM (a preemption notice) stopped the run after saving a checkpoint: resumable, not a failure."""
+
+
+# --- the train state ---------------------------------------------------------------------------
+def new_state(params, tx, seed: int):
+    """The checkpointed train state: params, optimizer state, step, rng and the NaN flag."""
+    return dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                rng=jax.random.PRNGKey(seed), nonfinite=jnp.zeros((), bool))
+
+
+def apply_update(state, grads, tx, loss, grad_norm):
+    """AdamW update, skipped (state kept, flag raised) when the loss or gradients are not finite."""
+    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    return dict(state, params=keep(params, state['params']), opt_state=keep(opt_state, state['opt_state']),
+                step=state['step'] + 1, nonfinite=state['nonfinite'] | ~finite)
+
+
+def init_state(mesh, tx, seed: int, init_fn=None, params=None, extra=None):
+    """(state, shardings): a train state created already sharded, from init_fn(key) or around given params.
+
+    extra: additional state entries (e.g. the tokenizer's code hit counts).
+    """
+    extra = extra or {}
+    if params is None:
+        return sharding.init_sharded(lambda key: new_state(init_fn(key), tx, seed) | extra, mesh,
+                                     jax.random.PRNGKey(seed))
+    make = lambda p: new_state(p, tx, seed) | extra
+    shardings = sharding.param_sharding(mesh, jax.eval_shape(make, params))
+    params = jax.device_put(params, shardings['params'])
+    return jax.jit(make, out_shardings=shardings)(params), shardings
+
+
+# --- models and weights from the config --------------------------------------------------------
+def build_models(config, num_data_classes: int = 0):
+    """(VQVAE, VAR) from config.vae / config.var; the VAR takes vocabulary/Cvae/scales from the VQVAE.
+
+    var.num_classes <= 0 means the dataset's number of classes (`num_data_classes`).
+    """
+    var_kwargs = config.var.to_dict()
+    R = config.vae.patch_nums[-1] * 2 ** (len(config.vae.ch_mult) - 1)
+    if config.data.image_size != R:
+        raise ValueError(f'data.image_size={config.data.image_size} but the tokenizer maps {R} px images to its '
+                         f'last scale {config.vae.patch_nums[-1]}; set data.image_size={R} or change '
+                         f'vae.patch_nums / vae.ch_mult')
+    if var_kwargs['num_classes'] <= 0:
+        var_kwargs['num_classes'] = num_data_classes
+    return api.build_models(config.vae, var_kwargs)
+
+
+def load_init_from(config):
+    """The converted / exported checkpoint named by config.init_from: (model cfgs, params) or None."""
+    if not config.init_from:
+        return None
+    if not os.path.isdir(config.init_from):
+        raise FileNotFoundError(f'init_from={config.init_from!r} does not exist; point it at a directory '
+                                f'written by python -m var_jax.convert or at a finished run\'s export/')
+    return checkpoint.load_pretrained(config.init_from)
+
+
+def export_dir(workdir: str) -> str:
+    """Where a run leaves its final models, in the format of `python -m var_jax.convert`."""
+    return os.path.join(workdir, 'export')
+
+
+# --- the loop ----------------------------------------------------------------------------------
+def _log_line(stage, step, total, metrics, img_per_s, eta_s):
+    keys = [k for k in ('loss', 'Lm', 'Lt', 'Accm', 'Acct', 'rec_l1', 'perceptual', 'vq', 'g_loss', 'd_loss',
+                        'grad_norm', 'lr')
+            if k in metrics]
+    vals = ' '.join(f'{k} {metrics[k]:.4g}' for k in keys)
+    return f'[{stage}] step {step}/{total} {vals} | {img_per_s:.1f} img/s | ETA {eta_s / 60:.1f} min'
+
+
+def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_fn: Callable,
+        step_args: tuple, total_steps: int, batch_size: int, on_sample: Optional[Callable] = None,
+        on_eval: Optional[Callable] = None, token_weights_fn: Optional[Callable] = None):
+    """Runs `step_fn(state, *step_args, batch[, token_weights]) -> (state, metrics)` to total_steps.
+
+    Resumes from workdir/<stage>'s latest checkpoint; saves every config.save_every steps, at the
+    end and on SIGTERM; writes TensorBoard scalars; calls on_sample(params, step) every
+    config.sample_every steps and at the end, and on_eval(params, step) -> {name: value} every
+    config.eval_every steps (0: never) and at the end, logging what it returns. Returns the final state.
+    """
+    from var_jax import data  # TensorFlow is only needed for the input pipeline
+    from flax.metrics import tensorboard
+
+    stage_dir = os.path.join(workdir, stage)
+    ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep_checkpoints, save_every=config.save_every,
+                                   config=config, resumable_keys=RESUMABLE_KEYS + OTHER_STAGE_KEYS.get(stage, ()))
+    restored, start = ckpt.restore_latest(sharding.with_shardings(state, state_shardings))
+    if restored is not None:
+        state = restored
+        print(f'[{stage}] resumed from step {start} of {stage_dir}', flush=True)
+    if start >= total_steps:
+        ckpt.close()
+        return state
+    batches = data.make_train_iterator(config.data, batch_size, seed=config.seed, start_step=start)
+    writer = tensorboard.SummaryWriter(os.path.join(stage_dir, 'tb')) if jax.process_index() == 0 else None
+    batch_sharding = sharding.batch_sharding(mesh)
+    data_shardings = {'image': batch_sharding, 'label': batch_sharding}
+    extra = (sharding.replicated(mesh),) if token_weights_fn else ()
+    jitted = jax.jit(step_fn, in_shardings=(state_shardings, *[sharding.replicated(mesh)] * len(step_args),
+                                            data_shardings, *extra),
+                     out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+    t0 = time.time()
+    pending = []
+    print(f'[{stage}] step {start}/{total_steps}: compiling the train step ...', flush=True)
+    with ckpt.handle_preemption():
+        for step in range(start, total_steps):
+            batch = next(batches)
+            batch = sharding.global_batch({'image': batch['image'], 'label': batch['label']}, mesh)
+            weights = (jnp.asarray(token_weights_fn(step)),) if token_weights_fn else ()
+            state, metrics = jitted(state, *step_args, batch, *weights)
+            if pending:
+                # At most one step in flight: a SIGTERM is acted on after the step that is running, not after
+                # a queue of dispatched ones (preemption notices give ~30 s).
+                jax.block_until_ready(pending[-1])
+            else:
+                jax.block_until_ready(metrics)
+            if step == start:  # img/s and the ETA exclude compiling
+                t_last, step_last = time.time(), step + 1
+                print(f'[{stage}] compiled and ran the first step in {t_last - t0:.1f} s', flush=True)
+            pending.append(metrics)
+            done = step + 1
+            stop = ckpt.should_stop(done)
+            if done % config.log_every == 0 or done == total_steps or stop or done % config.save_every == 0:
+                if bool(jax.device_get(state['nonfinite'])):
+                    ckpt.close()
+                    if writer:
+                        writer.close()
+                    raise NonFiniteError(
+                        f'[{stage}] a NaN/Inf loss or gradient appeared before step {done}; the update was '
+                        f'skipped and the last good checkpoint (step {ckpt.latest_step()}) in {stage_dir} is '
+                        f'kept. Lower the learning rate (tblr) or check the data.')
+            if done % config.log_every == 0 or done == total_steps:
+                host = jax.device_get(pending)
+                mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                pending = []
+                now = time.time()
+                timed = done - step_last  # 0 when the first step alone ends a log interval
+                img_s = timed * batch_size / max(now - t_last, 1e-9)
+                eta = (total_steps - done) * (now - t_last) / timed if timed else float('nan')
+                t_last, step_last = now, done
+                print(_log_line(stage, done, total_steps, mean, img_s, eta), flush=True)  # the progress line
+                if writer:
+                    for k, v in mean.items():
+                        writer.scalar(f'{stage}/{k}', v, done)
+                    writer.scalar(f'{stage}/img_per_s', img_s, done)
+                    writer.flush()
+            ckpt.save(done, state, force=stop or done == total_steps)
+            if on_sample and (done % config.sample_every == 0 or done == total_steps):
+                on_sample(state['params'], done)
+            if on_eval and ((config.eval_every and done % config.eval_every == 0) or done == total_steps):
+                results = on_eval(state['params'], done)
+                print(f'[{stage}] eval at step {done}: ' + ' '.join(f'{k} {v:.4g}' for k, v in results.items()),
+                      flush=True)
+                if writer:
+                    for k, v in results.items():
+                        writer.scalar(f'{stage}/eval/{k}', v, done)
+                    writer.flush()
+            if stop:
+                break
+    ckpt.close()
+    if writer:
+        writer.close()
+    if ckpt.preempted:
+        raise Preempted(f'[{stage}] preempted: saved step {done} in {stage_dir}; run the same command again to '
+                        f'resume')
+    logging.info('[%s] finished in %.1f s', stage, time.time() - t0)
+    return state
