@@ -73,10 +73,12 @@ class Row:
     model_flops: float   # analytic, per chip
 
     def cells(self, peak):
-        mfu = self.model_flops / self.est_s / (peak * 1e12) * 100 if self.model_flops else float('nan')
+        ok = self.est_s > 0  # XLA gives a negative estimate for some programs (the tokenizer step): none then
+        mfu = self.model_flops / self.est_s / (peak * 1e12) * 100 if self.model_flops and ok else float('nan')
         return [self.program, str(self.chips), str(self.batch), f'{self.compile_s:.0f}', f'{self.arg:.2f}',
                 f'{self.temp:.2f}', f'{self.out:.2f}', 'yes' if self.fits else 'NO', f'{self.tflop:.1f}',
-                f'{self.est_s:.3f}', f'{self.batch / self.est_s:.0f}', f'{mfu:.0f}%' if mfu == mfu else '-']
+                f'{self.est_s:.3f}' if ok else '-', f'{self.batch / self.est_s:.0f}' if ok else '-',
+                f'{mfu:.0f}%' if mfu == mfu else '-']
 
 
 HEADER = ['program', 'chips', 'batch', 'compile s', 'arg GiB', 'temp GiB', 'out GiB', 'fits HBM',
@@ -135,7 +137,7 @@ def corrected_cost(config, name, mesh, device, batch, compiled):
     """
     f, s = cost(compiled)
     vqvae, var = common.models(config)
-    if var.scan and var.depth > 1:
+    if var.scan is not False and var.depth > 1:  # None scans on TPU
         (f1, s1), (f2, s2) = (cost(_compile(*_blocks_only(config, name, mesh, device, batch, d), mesh))
                               for d in (1, 2))
         f, s = f + (var.depth - 1) * (f2 - f1), s + (var.depth - 1) * (s2 - s1)
@@ -214,7 +216,10 @@ def main(_):
           f'per device); {config_flags.get_config_filename(FLAGS["config"])}: VAR d{var.depth} '
           f'{common.seq_len(var)} tokens {vqvae.image_size} px, {var.dtype}, scan {var.scan}, remat {var.remat}, '
           f'attention {var.attention} (-> {_resolved(var)}), fsdp {fsdp}; jax {jax.__version__}', flush=True)
-    rows = []
+    widths = [max(len(h), 7) for h in HEADER]
+    line = lambda cells: print('| ' + ' | '.join(x.rjust(w) for x, w in zip(cells, widths)) + ' |', flush=True)
+    line(HEADER)
+    print('|' + '|'.join('-' * (w + 2) for w in widths) + '|', flush=True)
     with attention.compile_target('tpu'):
         for name in FLAGS.programs:
             if name == 'sampler':
@@ -224,19 +229,12 @@ def main(_):
                 mesh_p, chips = mesh, n
                 batch = (FLAGS.batch_per_chip or max(cfg_batch // n, 1)) * n
             compiled, secs, var = compile_program(config, name, mesh_p, devices[0], batch)
-            print(f'  compiled {name} in {secs:.0f} s', flush=True)
             f, s = cost(compiled)
             if FLAGS.correct_loops and name != 'tokenizer':
                 f, s = corrected_cost(config, name, mesh_p, devices[0], batch, compiled)
             model = {'transformer': common.analytic_flops(var, batch // chips),
                      'sampler': common.analytic_flops(var, 2 * batch, train=False)}.get(name, 0.0)
-            rows.append(Row(name, chips, batch, secs, *memory(compiled, hbm), f / 1e12, s, model))
-    cells = [HEADER] + [r.cells(peak) for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
-    for i, c in enumerate(cells):
-        print('| ' + ' | '.join(x.rjust(w) for x, w in zip(c, widths)) + ' |')
-        if i == 0:
-            print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+            line(Row(name, chips, batch, secs, *memory(compiled, hbm), f / 1e12, s, model).cells(peak))
 
 
 def _resolved(var):

@@ -10,6 +10,7 @@ FLOP count of the step and peak memory.
     python benchmarks/train.py --config=configs/var_d16.py --config.transformer.batch_size=64 \\
         --peak_tflops 989                                                      # VAR-d16, bf16, one H100/H200
 """
+import os
 import resource
 import statistics
 import time
@@ -50,12 +51,15 @@ def main(_):
     state, m = compiled(state, vae_params, data, w)
     jax.block_until_ready(m)
     times = []
+    cpu0 = os.times()
     for _ in range(FLAGS.iters):
         t = time.perf_counter()
         state, m = compiled(state, vae_params, data, w)
         jax.block_until_ready((state, m))
         times.append(time.perf_counter() - t)
     dt = statistics.median(times)
+    cpu1 = os.times()
+    cpu_step = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / len(times)  # robust to other load
 
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -73,7 +77,7 @@ def main(_):
                        f'batch {batch} {var.dtype} fsdp {config.mesh.fsdp} scan {var.scan} remat {var.remat} '
                        f'attention {var.attention}'),
             ('compile s', f'{compile_s:.1f}'), ('step s (median)', f'{dt:.4f}'),
-            ('step s (min)', f'{min(times):.4f}'), ('img/s', f'{batch / dt:.1f}'),
+            ('step s (min)', f'{min(times):.4f}'), ('CPU s/step', f'{cpu_step:.3f}'), ('img/s', f'{batch / dt:.1f}'),
             ('tokens/s', f'{batch * L / dt:,.0f}'), ('model TFLOP/step', f'{flops / 1e12:.3f}'),
             ('achieved TFLOP/s', f'{flops / dt / 1e12:.3f}'), ('XLA TFLOP/step', f'{xla_flops / 1e12:.3f}'),
             ('MFU %', f'{mfu:.1f}'), ('peak memory GiB', f'{peak_mem:.2f}'), ('final loss', f'{float(m["loss"]):.4f}')]

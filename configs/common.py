@@ -57,10 +57,10 @@ def base_config():
         **official_var(16),          # depth, width, heads, drop path and shared AdaLN of VAR-d16
         mlp_ratio=4.0, cond_drop_rate=0.1, attn_l2_norm=True, init_adaln_gamma=1e-3,
         dtype='float32',             # compute dtype of the transformer blocks ('bfloat16' on GPU/TPU)
-        # How the blocks run (same params, same math): one scan over the blocks (False: unrolled), what the
-        # backward pass recomputes ('none', 'dots': keep matmul outputs, 'full') and the attention kernel
-        # ('auto': splash on TPU, cuDNN on GPU for bf16, XLA else; or 'xla', 'splash', 'cudnn').
-        scan=True, remat='none', attention='auto'))
+        # How the blocks run (same params, same math): one scan over the blocks (True; False: unrolled; None:
+        # scan on TPU/GPU, unrolled on CPU), what the backward pass recomputes ('none', 'dots': keep matmul
+        # outputs, 'full') and the attention kernel ('auto': splash on TPU, cuDNN on GPU for bf16, else XLA).
+        scan=config_dict.placeholder(bool), remat='none', attention='auto'))
 
     c.tokenizer = ml_collections.ConfigDict(dict(
         total_steps=10000, batch_size=64, l1=0.2, l2=1.0, restart_every=100,   # dead-code restart (0: off)

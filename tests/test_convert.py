@@ -180,3 +180,15 @@ def test_missing_torch_names_the_install(monkeypatch, tmp_path):
 def test_load_pretrained_of_a_plain_folder_says_how_to_convert(tmp_path):
     with pytest.raises(FileNotFoundError, match='var_jax.convert'):
         api.load_pretrained(str(tmp_path))
+
+
+def test_params_saved_per_block_load_stacked(golden, tmp_path):
+    """Exports written before the VAR's blocks were stacked (blocks_0, blocks_1, ...) load in today's layout."""
+    from var_jax import checkpoint
+    from var_jax.models.var import unstack_blocks
+    cfg, params = convert.convert_var(golden_state_dict(golden, 'var/'), GOLDEN_PATCH_NUMS)
+    old = unstack_blocks(params)
+    assert 'blocks_0' in old and 'blocks' not in old
+    checkpoint.save_pretrained(str(tmp_path / 'old'), {'var': cfg}, {'var': old})
+    _, loaded = checkpoint.load_pretrained(str(tmp_path / 'old'))
+    jax.tree.map(np.testing.assert_array_equal, loaded['var'], params)

@@ -10,10 +10,10 @@ from conftest import golden_state_dict
 from var_jax import convert
 from var_jax.models.var import BLOCKS, VAR, stack_blocks, unstack_blocks
 
-SMALL = dict(vocab_size=32, cvae=8, num_classes=10, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3, 4))
+SMALL = dict(vocab_size=32, cvae=8, num_classes=10, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3, 4), attention='xla')
 
 
-@pytest.mark.parametrize('scan,remat', [(False, 'none'), (True, 'dots'), (True, 'full'), (False, 'full')])
+@pytest.mark.parametrize('scan,remat', [(True, 'none'), (False, 'none'), (True, 'dots'), (True, 'full'), (False, 'full')])
 def test_every_way_to_run_the_blocks_gives_the_official_loss_and_gradients(golden, tiny, scan, remat):
     _, _, var, tp = tiny
     model = var.clone(scan=scan, remat=remat)
@@ -61,11 +61,16 @@ def _lowered_lines(depth, scan):
 def test_the_scanned_program_does_not_grow_with_depth():
     assert _lowered_lines(2, scan=True) == _lowered_lines(6, scan=True)
     assert _lowered_lines(6, scan=False) > _lowered_lines(2, scan=False) + 500  # the unrolled one does
+    # The default (None) scans for accelerators and unrolls on CPU, where the unrolled blocks run faster.
+    from var_jax.models.attention import compile_target
+    with compile_target('tpu'):
+        assert _lowered_lines(2, scan=None) == _lowered_lines(6, scan=None)
+    assert _lowered_lines(6, scan=None) == _lowered_lines(6, scan=False)
 
 
 def test_remat_keeps_less_for_the_backward_pass():
     def temp_bytes(remat):
-        model = VAR(depth=2, remat=remat, **SMALL)
+        model = VAR(depth=2, remat=remat, scan=True, **SMALL)
         x, labels = jnp.zeros((64, 29, 8)), jnp.zeros((64,), jnp.int32)
         params = model.init(jax.random.PRNGKey(0), labels[:1], x[:1])['params']
         grad = jax.grad(lambda p: model.apply({'params': p}, labels, x).sum())

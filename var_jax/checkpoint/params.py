@@ -13,7 +13,12 @@ import jax
 import orbax.checkpoint as ocp
 
 from var_jax.checkpoint.train_state import atomic_write_json
+from var_jax.models.var import BLOCKS, stack_blocks
 from var_jax.sharding import PyTree
+
+
+# Model fields that choose how the math runs, not what it is: a params file fits whatever they are set to.
+COMPUTE_CHOICES = ('dtype', 'scan', 'remat', 'attention')
 
 
 class ParamsFileError(ValueError):
@@ -78,12 +83,14 @@ def load_pretrained(ckpt_dir: str):
                               f'damaged: re-create it with python -m var_jax.convert or re-export the run') from None
     if set(params) != set(cfg):
         raise ParamsFileError(f'{ckpt_dir}: model.json describes {sorted(cfg)} but params/ holds {sorted(params)}')
+    if 'var' in params and f'{BLOCKS}_0' in params['var']:  # written before the blocks were stacked
+        params = dict(params, var=stack_blocks(params['var']))
     return cfg, params
 
 
 def check_model_config(name: str, saved: Mapping, model) -> None:
     """Raises if the model built from the run config differs from the saved one (e.g. init_from's)."""
     for k, v in saved.items():
-        if k != 'dtype' and getattr(model, k, v) != v:
+        if k not in COMPUTE_CHOICES and getattr(model, k, v) != v:
             raise ValueError(f'init_from {name} has {k}={v} but the config builds {k}={getattr(model, k)}; '
                              f'set config.{name}.{k} = {v!r} (or leave init_from empty)')

@@ -287,7 +287,8 @@ class VAR(nn.Module):
     init_std: float = -1.0
     dtype: Any = jnp.float32
     # How the blocks run; none of these changes the params or the math (only speed and memory).
-    scan: bool = True          # one nn.scan over the blocks (compile time independent of depth); False: unrolled
+    scan: Any = None           # True: one nn.scan over the blocks (compile time independent of depth); False:
+    #                            unrolled (faster on CPU); None: scan on TPU / GPU, unrolled on CPU
     remat: str = 'none'        # per block: 'none', 'dots' (keep matmul outputs, recompute the rest), 'full'
     attention: str = 'auto'    # 'auto', 'xla', 'splash' (TPU), 'cudnn' (GPU): see var_jax.models.attention
 
@@ -310,7 +311,8 @@ class VAR(nn.Module):
             self.shared_ada_lin = nn.Dense(6 * C, kernel_init=init)
         _remat_policy(self.remat)
         attn_lib.resolve(self.attention, self.dtype)  # a bad name fails here, not deep in a trace
-        self.blocks = stacked_blocks(AdaLNSelfAttn, self.depth, self.scan, self.remat)(
+        scan = self.scan if self.scan is not None else attn_lib.target_platform() != 'cpu'
+        self.blocks = stacked_blocks(AdaLNSelfAttn, self.depth, scan, self.remat)(
             C, self.num_heads, self.mlp_ratio, self.norm_eps, self.attn_l2_norm, self.shared_aln,
             self.drop_path_rate > 0, std, self.depth, self.init_adaln, self.init_adaln_gamma, self.dtype,
             self.attention, name=BLOCKS)

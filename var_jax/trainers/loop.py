@@ -4,6 +4,7 @@ A stage is a pure, jitted step `(state, *frozen, batch[, token_weights]) -> (sta
 mesh with explicit shardings (params replicated or FSDP-split, batch split over all devices, state
 donated). `fit` drives it: resume, checkpoints, preemption, the progress line, TensorBoard, sample grids.
 """
+import contextlib
 import logging
 import os
 import time
@@ -140,7 +141,9 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
     t0 = time.time()
     pending = []
     print(f'[{stage}] step {start}/{total_steps}: compiling the train step ...', flush=True)
-    with ckpt.handle_preemption():
+    # On TPU the VAR's splash attention runs per device under the mesh (shard_map); elsewhere nothing needs it.
+    in_mesh = jax.set_mesh(mesh) if jax.default_backend() == 'tpu' else contextlib.nullcontext()
+    with ckpt.handle_preemption(), in_mesh:
         for step in range(start, total_steps):
             batch = next(batches)
             batch = sharding.global_batch({'image': batch['image'], 'label': batch['label']}, mesh)

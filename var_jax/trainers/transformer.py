@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from var_jax import checkpoint, optim, sampling, sharding
+from var_jax import checkpoint, losses, optim, sampling, sharding
 from var_jax.images import save_png
 from var_jax.models.var import VAR, begin_ends
 from var_jax.models.vqvae import VQVAE
@@ -26,17 +26,13 @@ def var_loss(var: VAR, params, labels, x, targets, token_weights, *, label_smoot
     """Official transformer loss: sum_l w_l CE_l, averaged over the batch, and per-token stats.
 
     token_weights (L,) are 1/L for every token (the plain mean) unless progressive training
-    masks or ramps later scales.
+    masks or ramps later scales. The cross-entropy is `losses.cross_entropy`: no one-hot or
+    log-softmax copy of the (B, L, V) logits.
     """
     logits = var.apply({'params': params}, labels, x, train=train, rngs={'dropout': rng} if train else {})
-    V = logits.shape[-1]
-    onehot = jax.nn.one_hot(targets, V)
-    if label_smoothing:
-        onehot = onehot * (1 - label_smoothing) + label_smoothing / V
-    ce = optax.softmax_cross_entropy(logits, onehot)  # (B, L)
+    ce, correct = losses.cross_entropy(logits, targets, label_smoothing)  # (B, L)
     loss = jnp.mean(jnp.sum(ce * token_weights, axis=-1))
-    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
-    return loss, (ce, correct)
+    return loss, (ce, correct.astype(jnp.float32))
 
 
 def _scale_means(x, patch_nums):
