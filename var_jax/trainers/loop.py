@@ -139,7 +139,7 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
                                             data_shardings, *extra),
                      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
     t0 = time.time()
-    pending = []
+    pending, previous = [], None
     print(f'[{stage}] step {start}/{total_steps}: compiling the train step ...', flush=True)
     # On TPU the VAR's splash attention runs per device under the mesh (shard_map); elsewhere nothing needs it.
     in_mesh = jax.set_mesh(mesh) if jax.default_backend() == 'tpu' else contextlib.nullcontext()
@@ -149,12 +149,10 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
             batch = sharding.global_batch({'image': batch['image'], 'label': batch['label']}, mesh)
             weights = (jnp.asarray(token_weights_fn(step)),) if token_weights_fn else ()
             state, metrics = jitted(state, *step_args, batch, *weights)
-            if pending:
-                # At most one step in flight: a SIGTERM is acted on after the step that is running, not after
-                # a queue of dispatched ones (preemption notices give ~30 s).
-                jax.block_until_ready(pending[-1])
-            else:
-                jax.block_until_ready(metrics)
+            # At most one step in flight: a SIGTERM is acted on after the step that is running, not after a
+            # queue of dispatched ones (preemption notices give ~30 s). The first step is waited for itself.
+            jax.block_until_ready(metrics if previous is None else previous)
+            previous = metrics
             if step == start:  # img/s and the ETA exclude compiling
                 t_last, step_last = time.time(), step + 1
                 print(f'[{stage}] compiled and ran the first step in {t_last - t0:.1f} s', flush=True)
