@@ -68,6 +68,7 @@ def main(argv):
     from var_jax.trainers import loop
     if config.distributed:
         jax.distributed.initialize()
+    runtime.use_compile_cache(config.compile_cache_dir)
     workdir = FLAGS.workdir or os.path.join(
         'workdirs', os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS['config'])))[0])
     user_errors = (preflight.ConfigError, checkpoint.ConfigMismatchError, checkpoint.ParamsFileError,

@@ -5,8 +5,8 @@ requirements-tpu.txt (README, Benchmarks); the CPU venv of the project does not 
     python benchmarks/aot.py --config=configs/var_d16.py --topology v5p:2x2x1 --batch_per_chip 64
     python benchmarks/aot.py --config=configs/var_d30.py --topology v5p:2x2x4 --fsdp 16 --programs transformer
 
-Programs (--programs): 'transformer' (the transformer train step of var_jax.trainers.transformer, tokenizing
-included), 'tokenizer' (the tokenizer train step, reconstruction + VQ loss) on every chip of the topology,
+Programs (--programs): 'transformer' (the transformer train step of var_jax.trainers.transformer: on token
+maps with --config.data.pretokenize=True, else tokenizing the images in the step), 'tokenizer' (the tokenizer train step, reconstruction + VQ loss) on every chip of the topology,
 and 'sampler' (var_jax.sampling's compiled sampler: cfg on, the config's top-k / top-p, decode included)
 on one chip. One table row per program:
 
@@ -215,7 +215,9 @@ def main(_):
     print(f'{FLAGS.topology}: {n} x {devices[0].device_kind} (peak {peak:.0f} TFLOP/s bf16, {hbm:.0f} GiB HBM '
           f'per device); {config_flags.get_config_filename(FLAGS["config"])}: VAR d{var.depth} '
           f'{common.seq_len(var)} tokens {vqvae.image_size} px, {var.dtype}, scan {var.scan}, remat {var.remat}, '
-          f'attention {var.attention} (-> {_resolved(var)}), fsdp {fsdp}; jax {jax.__version__}', flush=True)
+          f'attention {var.attention} (-> {_resolved(var)}), fsdp {fsdp}, '
+          f'{"pre-tokenised data" if config.data.pretokenize else "tokenising in the step"}; jax {jax.__version__}',
+          flush=True)
     widths = [max(len(h), 7) for h in HEADER]
     line = lambda cells: print('| ' + ' | '.join(x.rjust(w) for x, w in zip(cells, widths)) + ' |', flush=True)
     line(HEADER)

@@ -75,8 +75,19 @@ def image_batch(vqvae, batch: int, mesh):
             'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=bs)}
 
 
+def token_batch(var, batch: int, mesh):
+    """A pre-tokenised batch (config.data.pretokenize): token ids of all scales and labels."""
+    bs = sharding.batch_sharding(mesh)
+    return {'tokens': jax.ShapeDtypeStruct((batch, seq_len(var)), jnp.int32, sharding=bs),
+            'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=bs)}
+
+
 def transformer_program(config, vqvae, var, mesh, batch: int):
-    """(jitted transformer step, abstract (state, vae_params, batch, token_weights), its optimizer)."""
+    """(jitted transformer step, abstract (state, vae_params, batch, token_weights), its optimizer).
+
+    With config.data.pretokenize the step takes token maps ({'tokens', 'label'}) and runs no encoder, as
+    training then does; otherwise images.
+    """
     cfg = config.transformer
     tx = optim.make_optimizer(cfg.optim, cfg.total_steps, batch, pg=cfg.pg)
     state, shardings = abstract_state(mesh, tx, var_init_fn(var))
@@ -85,9 +96,9 @@ def transformer_program(config, vqvae, var, mesh, batch: int):
     weights = jax.ShapeDtypeStruct((L,), jnp.float32, sharding=rep)
     vae_params = abstract_vae_params(vqvae, mesh)
     step = jax.jit(transformer.make_step(vqvae, var, tx, cfg.label_smoothing),
-                   in_shardings=(shardings, rep, {'image': bs, 'label': bs}, rep),
-                   out_shardings=(shardings, rep), donate_argnums=0)
-    return step, (state, vae_params, image_batch(vqvae, batch, mesh), weights), tx
+                   in_shardings=(shardings, rep, bs, rep), out_shardings=(shardings, rep), donate_argnums=0)
+    data = token_batch(var, batch, mesh) if config.data.pretokenize else image_batch(vqvae, batch, mesh)
+    return step, (state, vae_params, data, weights), tx
 
 
 def tokenizer_program(config, vqvae, mesh, batch: int):

@@ -1,8 +1,8 @@
 """Transformer train-step speed: tokenizing the batch, forward, backward and AdamW in one jitted step.
 
 The step is the trainer's own (`var_jax.trainers.transformer.make_step`) on the models and optimizer of
-`--config` (default configs/bench.py), random-init weights and random images (speed does not depend on
-them). Prints: compile time, steady-state step time (median of --iters steps), img/s, tokens/s, model
+`--config` (default configs/bench.py), random-init weights and random images, or random token maps with
+--config.data.pretokenize=True (speed does not depend on them). Prints: compile time, steady-state step time (median of --iters steps), img/s, tokens/s, model
 FLOPs utilisation (analytic 6 * N_token_params * tokens + attention, against --peak_tflops), XLA's own
 FLOP count of the step and peak memory.
 
@@ -44,8 +44,9 @@ def main(_):
     state, _ = loop.init_state(mesh, tx, config.seed, common.var_init_fn(var))
     vae_params = jax.jit(vqvae.init)(jax.random.PRNGKey(0), np.zeros((1, R, R, 3), np.float32))['params']
     rng = np.random.default_rng(0)
-    data = sharding.global_batch({'image': rng.uniform(-1, 1, (batch, R, R, 3)).astype(np.float32),
-                                  'label': rng.integers(0, var.num_classes, batch).astype(np.int32)}, mesh)
+    inputs = ({'tokens': rng.integers(0, var.vocab_size, (batch, common.seq_len(var))).astype(np.int32)}
+              if config.data.pretokenize else {'image': rng.uniform(-1, 1, (batch, R, R, 3)).astype(np.float32)})
+    data = sharding.global_batch(inputs | {'label': rng.integers(0, var.num_classes, batch).astype(np.int32)}, mesh)
     w = jax.device_put(np.full((common.seq_len(var),), 1.0 / common.seq_len(var), np.float32),
                        sharding.replicated(mesh))
     state, m = compiled(state, vae_params, data, w)

@@ -32,6 +32,9 @@ def base_config():
     c.stages = 'tokenizer,transformer'   # which stages `--mode=train` runs, in order
     c.init_from = ''                     # converted official checkpoint / a run's export/: skips what it holds
     c.distributed = False                # jax.distributed.initialize() (multi-host GPU / TPU pods)
+    # XLA's persistent compilation cache: a rerun loads its compiled steps instead of compiling them again
+    # (minutes on TPU). '' = off; $JAX_COMPILATION_CACHE_DIR, when set, takes precedence.
+    c.compile_cache_dir = '~/.cache/var_jax/xla'
     c.mesh = ml_collections.ConfigDict(dict(fsdp=1))   # devices per FSDP group; the rest is data parallel
 
     # Every field var_jax.data reads (it fills in nothing; var_jax/data/config.py says what each may hold).
@@ -47,11 +50,18 @@ def base_config():
         random_flip=False,                       # official VAR default: no horizontal flip
         shuffle_buffer=16384,                    # examples; only TFDS splits too big to hold in memory
         in_memory_max_mb=1024,                   # TFDS splits up to this encoded size are held in memory
-        synthetic_seed=0, synthetic_train_size=10000, synthetic_test_size=1000))   # the synthetic dataset
+        synthetic_seed=0, synthetic_train_size=10000, synthetic_test_size=1000,    # the synthetic dataset
+        # The transformer stage on token maps the frozen tokenizer encodes once into <workdir>/tokens/ (README,
+        # Pre-tokenised data): no encoder in the step. pretokenize_crops views per image: the center crop and
+        # pretokenize_crops - 1 random crops (each also flipped when random_flip), one drawn per image and epoch.
+        pretokenize=False, pretokenize_crops=1))
 
     c.vae = ml_collections.ConfigDict(dict(
         vocab_size=4096, z_channels=32, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-        patch_nums=PATCH_NUMS_256, beta=0.25, quant_resi=0.5, share_quant_resi=4))
+        patch_nums=PATCH_NUMS_256, beta=0.25, quant_resi=0.5, share_quant_resi=4,
+        # Matmul precision ('highest' | 'high' | 'default'; same params) of the encoding path (encoder, quant_conv,
+        # quantizer: token ids equal the float32 reference on TPU/GPU only at 'highest') and of the decoder.
+        encode_precision='highest', decode_precision='default'))
     c.var = ml_collections.ConfigDict(dict(
         num_classes=1000,            # <= 0: the dataset's number of classes
         **official_var(16),          # depth, width, heads, drop path and shared AdaLN of VAR-d16

@@ -266,6 +266,16 @@ def test_incompatible_config_is_refused(tmp_path):
     assert json.loads(config_file.read_text())["train"]["total_steps"] == 500
     Checkpointer(tmp_path, max_to_keep=2, save_every=1, config=config(lr=3e-4), compare_keys=("model",)).close()
 
+    # A field the saved config lacks (added to the project later) does not block the resume; a saved one
+    # the current config lacks does.
+    newer = config(total_steps=500)
+    newer.model.new_field = "anything"
+    Checkpointer(tmp_path, max_to_keep=2, save_every=1, config=newer, resumable_keys=resumable).close()
+    older = config(total_steps=500)
+    del older.model["depth"]
+    with pytest.raises(ConfigMismatchError, match="model.depth"):
+        Checkpointer(tmp_path, max_to_keep=2, save_every=1, config=older, resumable_keys=resumable)
+
 
 @pytest.mark.parametrize("damage", ["truncated_arrays", "missing_metadata", "empty_step"])
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, damage):

@@ -66,6 +66,8 @@ def test_broken_init_from_names_the_file(tmp_path):
 def test_bad_data_and_stage_settings(tmp_path):
     msg = _problems(tmp_path, stages='tokenizer,transfomer', **{'data.image_size': 64, 'data.resize_ratio': 0.5})
     assert 'stages=' in msg and 'data.resize_ratio=0.5' in msg and 'set data.image_size=32' in msg
+    msg = _problems(tmp_path, **{'vae.encode_precision': 'fp32', 'vae.decode_precision': 'high'})
+    assert "vae.encode_precision='fp32' is not a matmul precision" in msg and 'decode_precision' not in msg
 
 
 def _main(*flags):

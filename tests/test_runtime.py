@@ -47,3 +47,28 @@ def test_accelerator_detection_follows_jax_platforms(monkeypatch, platforms, exp
     assert runtime._accelerator_installed() is expected
     if expected:
         assert runtime.keep_freed_memory_on_cpu() is False  # leaves GPU / TPU hosts alone
+
+
+_CACHE_CHILD = """
+import sys
+import jax, jax.numpy as jnp
+from var_jax import runtime
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+print(runtime.use_compile_cache(sys.argv[1]))
+jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()
+"""
+
+
+def _run_cache_child(directory, env_dir=None):
+    env = {'JAX_PLATFORMS': 'cpu', 'PATH': ''} | ({'JAX_COMPILATION_CACHE_DIR': env_dir} if env_dir else {})
+    return subprocess.run([sys.executable, '-c', _CACHE_CHILD, directory], capture_output=True, text=True, check=True,
+                          env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split()[-1]
+
+
+def test_compile_cache_is_written_and_the_environment_wins(tmp_path):
+    ours, theirs = tmp_path / 'ours', tmp_path / 'env'
+    assert _run_cache_child(str(ours)) == 'True'
+    assert ours.is_dir() and any(ours.iterdir())  # the compiled function was stored
+    assert _run_cache_child(str(tmp_path / 'unused'), env_dir=str(theirs)) == 'False'
+    assert not (tmp_path / 'unused').exists() and any(theirs.iterdir())
+    assert _run_cache_child('') == 'False'

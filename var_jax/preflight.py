@@ -10,6 +10,7 @@ import os
 import jax
 
 from var_jax import checkpoint, sampling
+from var_jax.models.quantizer import matmul_precision
 
 MODES = ('train', 'sample', 'eval')
 STAGES = ('tokenizer', 'transformer')
@@ -68,6 +69,14 @@ def check(config, mode: str, workdir: str) -> None:
         need(config.data.image_size == R,
              f'data.image_size={config.data.image_size} but the tokenizer maps {R} px images to its last scale '
              f'{config.vae.patch_nums[-1]}; set data.image_size={R} or change vae.patch_nums / vae.ch_mult')
+        need(mode != 'train' or not config.data.pretokenize or config.vae.vocab_size <= 1 << 16,
+             f'data.pretokenize stores token ids as uint16, but vae.vocab_size={config.vae.vocab_size} > '
+             f'65536; set data.pretokenize=False')
+    for field in ('encode_precision', 'decode_precision'):
+        try:
+            matmul_precision(config.vae[field], f'vae.{field}')
+        except ValueError as e:
+            problems.append(str(e))
     if config.var.embed_dim % config.var.num_heads:
         problems.append(f'var.embed_dim={config.var.embed_dim} is not divisible by var.num_heads={config.var.num_heads}')
     problems += _sample_problems(config.sample, config.vae.vocab_size, n_dev)

@@ -26,7 +26,8 @@ SPATIAL_DIM = inception.SPATIAL_DIM
 CACHE_VERSION = 1
 _STATS = {'mu': (2048,), 'sigma': (2048, 2048), 'mu_s': (SPATIAL_DIM,), 'sigma_s': (SPATIAL_DIM, SPATIAL_DIM)}
 # data fields that do not change the evaluation images
-_TRAIN_ONLY = ('random_flip', 'shuffle_buffer', 'in_memory_max_mb', 'train_split', 'synthetic_train_size')
+_TRAIN_ONLY = ('random_flip', 'shuffle_buffer', 'in_memory_max_mb', 'train_split', 'synthetic_train_size',
+               'pretokenize', 'pretokenize_crops')
 
 
 class ReferenceError(ValueError):

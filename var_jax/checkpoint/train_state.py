@@ -90,7 +90,8 @@ def config_diff(
 
     `compare_keys` restricts the comparison to these top-level subtrees
     (e.g. `('model', 'data')`); `None` compares everything.  Keys matching
-    `resumable_keys` are ignored.
+    `resumable_keys` are ignored, and so are keys the saved config lacks: fields added to the
+    project after the run started (an older workdir resumes with their current values).
     """
     a, b = _flatten(saved), _flatten(current)
     resumable_keys = tuple(resumable_keys)
@@ -100,7 +101,9 @@ def config_diff(
             continue
         if _is_resumable(key, resumable_keys):
             continue
-        va, vb = a.get(key, _MISSING), b.get(key, _MISSING)
+        if key not in a:
+            continue
+        va, vb = a[key], b.get(key, _MISSING)
         if va != vb:
             diffs[key] = (va, vb)
     return diffs

@@ -1,17 +1,20 @@
 """Training and evaluation images: where they come from, how they are prepared, how they are batched.
 
 `config` checks `config.data`; `sources` reads TFDS, image folders and the offline `synthetic`
-dataset; `preprocessing` is the official VAR transform; `iterators` makes the resumable batches.
+dataset; `preprocessing` is the official VAR transform; `iterators` makes the resumable batches;
+`tokens` caches the frozen tokenizer's token maps of the training set (data.pretokenize) and batches them.
 Only this package uses TensorFlow, and it is imported when a function below is first called, so
 importing the package (the trainers, the benchmarks) stays cheap and changes nothing in TF.
 """
 import importlib
 import logging
 
-_SUBMODULES = ('config', 'iterators', 'preprocessing', 'sources', 'synthetic')
+_SUBMODULES = ('config', 'iterators', 'preprocessing', 'sources', 'synthetic', 'tokens')
 _PUBLIC = {  # name -> submodule that defines it
     'make_train_iterator': 'iterators',
     'make_eval_iterator': 'iterators',
+    'make_token_iterator': 'tokens',
+    'build_token_cache': 'tokens',
     'num_classes': 'sources',
     'validate_config': 'config',
 }

@@ -45,6 +45,10 @@ FIELDS = {
     'synthetic_seed': (lambda v: _is_int(v, 0), 'an int >= 0'),
     'synthetic_train_size': (lambda v: _is_int(v, 1), 'a positive int (images)'),
     'synthetic_test_size': (lambda v: _is_int(v, 1), 'a positive int (images)'),
+    'pretokenize': (lambda v: isinstance(v, (bool, np.bool_)), 'True (train the transformer on token maps encoded '
+                                                                'once) or False (encode every batch)'),
+    'pretokenize_crops': (lambda v: _is_int(v, 1), 'an int >= 1 (views encoded per image: the center crop, then '
+                                                   'random crops)'),
 }
 
 

@@ -3,12 +3,13 @@
 A latent f (B, h, w, Cvae) is quantized coarse to fine: at scale k the residual is
 area-downsampled to pn_k x pn_k, snapped to the nearest code, the code map is bicubic-upsampled
 back to h x w, refined by a phi convolution and subtracted from the residual. The running sum
-of the refined code maps is f_hat. All of it runs in float32; the nearest-code search uses
-the highest matmul precision because one flipped argmin changes every later scale.
+of the refined code maps is f_hat. All of it runs in float32, and every conv / matmul (phi convs,
+resizes, the nearest-code search) at `precision`, by default HIGHEST: one flipped argmin changes
+every later scale, and accelerators run float32 matmuls at DEFAULT precision as one bfloat16 pass.
 
 Layouts: NHWC maps, token order row-major (l = y * pn + x), indices as lists of (B, pn^2).
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -16,6 +17,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax.models.resize import resize
+
+
+# The precision names of VQVAE.encode_precision / decode_precision. 'default' is None: the backend's default for
+# float32 (one bfloat16 pass on TPU, TF32 on recent GPUs, float32 on CPU) or jax_default_matmul_precision if set.
+PRECISIONS = {'highest': jax.lax.Precision.HIGHEST, 'high': jax.lax.Precision.HIGH, 'default': None}
+
+
+def matmul_precision(name: str, field: str) -> Optional[jax.lax.Precision]:
+    """'highest' | 'high' | 'default' -> the `precision` argument of the convs and matmuls it governs."""
+    if name not in PRECISIONS:
+        raise ValueError(f'{field}={name!r} is not a matmul precision; use one of {sorted(PRECISIONS)} '
+                         f"('highest' keeps token ids equal to the float32 reference on TPU/GPU)")
+    return PRECISIONS[name]
 
 
 def validate_patch_nums(patch_nums: Sequence[int]) -> tuple:
@@ -46,10 +60,11 @@ class Phi(nn.Module):
     """phi(h) = (1 - r) h + r conv3x3(h): the refinement of an upsampled code map."""
     channels: int
     resi_ratio: float
+    precision: Optional[jax.lax.Precision] = jax.lax.Precision.HIGHEST
 
     @nn.compact
     def __call__(self, h):
-        conv = nn.Conv(self.channels, (3, 3), padding=1, name='conv')
+        conv = nn.Conv(self.channels, (3, 3), padding=1, precision=self.precision, name='conv')
         return (1 - self.resi_ratio) * h + self.resi_ratio * conv(h)
 
 
@@ -58,7 +73,8 @@ class MultiScaleQuantizer(nn.Module):
 
     share_quant_resi: 0 = one phi per scale, 1 = one shared phi, K > 1 = K phis shared by
     nearby scales (the released tokenizer uses 4). quant_resi is the phi mix ratio r; |r| below
-    1e-6 means no phi (identity), as in the official code.
+    1e-6 means no phi (identity), as in the official code. precision: of every conv and matmul here
+    (None: the backend's default); the token ids need HIGHEST off CPU.
     """
     vocab_size: int
     cvae: int
@@ -66,6 +82,7 @@ class MultiScaleQuantizer(nn.Module):
     beta: float = 0.25
     quant_resi: float = 0.5
     share_quant_resi: int = 4
+    precision: Optional[jax.lax.Precision] = jax.lax.Precision.HIGHEST
 
     def setup(self):
         self.pns = validate_patch_nums(self.patch_nums)
@@ -75,7 +92,7 @@ class MultiScaleQuantizer(nn.Module):
         num_phis = {0: num_scales, 1: 1}.get(self.share_quant_resi, self.share_quant_resi)
         self.phi_index = phi_index_per_scale(num_phis, num_scales)
         if abs(self.quant_resi) > 1e-6:
-            self.phis = [Phi(self.cvae, abs(self.quant_resi)) for _ in range(num_phis)]
+            self.phis = [Phi(self.cvae, abs(self.quant_resi), self.precision) for _ in range(num_phis)]
         else:
             self.phis = None
         # N(0, 1) like the official nn.Embedding default (its codebook init is never overridden).
@@ -91,8 +108,11 @@ class MultiScaleQuantizer(nn.Module):
         z = z.astype(jnp.float32)
         e = self.embedding.astype(jnp.float32)
         d = (jnp.sum(z * z, axis=-1, keepdims=True) + jnp.sum(e * e, axis=-1)
-             - 2 * jnp.einsum('...c,vc->...v', z, e, precision=jax.lax.Precision.HIGHEST))
+             - 2 * jnp.einsum('...c,vc->...v', z, e, precision=self.precision))
         return jnp.argmin(d, axis=-1).astype(jnp.int32)
+
+    def _resize(self, x, side: int, method: str):
+        return resize(x, (side, side), method, self.precision)
 
     def lookup(self, idx_Bl, pn: int):
         """Code vectors of (B, pn*pn) indices as a (B, pn, pn, Cvae) map."""
@@ -105,7 +125,7 @@ class MultiScaleQuantizer(nn.Module):
         official 'no interpolation at the last scale' rule.
         """
         full = self.pns[-1]
-        return self.phi(resize(h, (full, full), 'bicubic'), si)
+        return self.phi(self._resize(h, full, 'bicubic'), si)
 
     def _check_latent(self, f):
         full = self.pns[-1]
@@ -125,7 +145,7 @@ class MultiScaleQuantizer(nn.Module):
         f_hat = jnp.zeros_like(f_rest)
         idx_list, fhat_list = [], []
         for si, pn in enumerate(self.pns):
-            idx = self.nearest_code(resize(f_rest, (pn, pn), 'area')).reshape(f.shape[0], pn * pn)
+            idx = self.nearest_code(self._resize(f_rest, pn, 'area')).reshape(f.shape[0], pn * pn)
             h = self.upsample_and_phi(self.lookup(idx, pn), si)
             f_hat, f_rest = f_hat + h, f_rest - h
             idx_list.append(idx)
@@ -154,7 +174,7 @@ class MultiScaleQuantizer(nn.Module):
         for si in range(len(self.pns) - 1):
             f_hat = f_hat + self.upsample_and_phi(self.lookup(idx_list[si], self.pns[si]), si)
             pn_next = self.pns[si + 1]
-            nexts.append(resize(f_hat, (pn_next, pn_next), 'area').reshape(B, pn_next * pn_next, self.cvae))
+            nexts.append(self._resize(f_hat, pn_next, 'area').reshape(B, pn_next * pn_next, self.cvae))
         return jnp.concatenate(nexts, axis=1)
 
     def next_autoregressive_input(self, si: int, f_hat, h):
@@ -167,7 +187,7 @@ class MultiScaleQuantizer(nn.Module):
         if si == len(self.pns) - 1:
             return f_hat, f_hat
         pn_next = self.pns[si + 1]
-        return f_hat, resize(f_hat, (pn_next, pn_next), 'area')
+        return f_hat, self._resize(f_hat, pn_next, 'area')
 
     # --- training forward ------------------------------------------------------------------
     def __call__(self, f):
@@ -188,7 +208,7 @@ class MultiScaleQuantizer(nn.Module):
         loss = 0.0
         hits = []
         for si, pn in enumerate(self.pns):
-            idx = self.nearest_code(jax.lax.stop_gradient(resize(f_rest, (pn, pn), 'area')))
+            idx = self.nearest_code(jax.lax.stop_gradient(self._resize(f_rest, pn, 'area')))
             hits.append(jnp.bincount(idx.reshape(-1), length=self.vocab_size))
             h = self.upsample_and_phi(jnp.take(self.embedding, idx, axis=0), si)
             f_hat = f_hat + h

@@ -58,11 +58,11 @@ def resize_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
     return m
 
 
-def resize(x: jax.Array, size: tuple, method: str) -> jax.Array:
+def resize(x: jax.Array, size: tuple, method: str, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
     """Resizes the spatial axes of an NHWC array exactly like torch's `F.interpolate`.
 
     x: (B, H, W, C); size: (h, w). Same-size resizes are the identity for every mode and
-    are skipped.
+    are skipped. precision: of the two matmuls (HIGHEST: float32 on TPU/GPU too; None: the backend's default).
     """
     h_in, w_in = x.shape[1], x.shape[2]
     h_out, w_out = size
@@ -70,6 +70,5 @@ def resize(x: jax.Array, size: tuple, method: str) -> jax.Array:
         return x
     mh = jnp.asarray(resize_matrix(h_in, h_out, method), x.dtype)
     mw = jnp.asarray(resize_matrix(w_in, w_out, method), x.dtype)
-    hp = jax.lax.Precision.HIGHEST
-    x = jnp.einsum('oh,bhwc->bowc', mh, x, precision=hp)
-    return jnp.einsum('pw,bowc->bopc', mw, x, precision=hp)
+    x = jnp.einsum('oh,bhwc->bowc', mh, x, precision=precision)
+    return jnp.einsum('pw,bowc->bopc', mw, x, precision=precision)

@@ -12,7 +12,7 @@ recomputes, `attention` the kernel (`var_jax.models.attention`). The converter m
 per-block state dicts onto the stacked layout (`stack_blocks` / `unstack_blocks`).
 """
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -247,6 +247,20 @@ def stack_blocks(params) -> dict:
     return params
 
 
+class Head(nn.Module):
+    """The vocabulary projection (nn.Dense's params: kernel (C, V), bias (V,)) in the dtype the caller asks
+    for, accumulated in float32: float32 logits for sampling, the blocks' dtype for the training loss."""
+    features: int
+    kernel_init: Callable
+
+    @nn.compact
+    def __call__(self, x, dtype):
+        kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param('bias', nn.initializers.zeros, (self.features,))
+        y = jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+        return (y + bias).astype(dtype)
+
+
 class AdaLNBeforeHead(nn.Module):
     embed_dim: int
     norm_eps: float
@@ -266,7 +280,8 @@ class VAR(nn.Module):
     """Class-conditional next-scale prediction transformer.
 
     Defaults are VAR-d16 at 256 px; `var_config_for_depth` builds the official family.
-    `dtype` is the compute dtype of the blocks (params stay float32); logits are float32.
+    `dtype` is the compute dtype of the blocks (params stay float32) and of the training logits; the
+    sampler's logits are float32.
     """
     vocab_size: int = 4096
     cvae: int = 32
@@ -317,7 +332,7 @@ class VAR(nn.Module):
             self.drop_path_rate > 0, std, self.depth, self.init_adaln, self.init_adaln_gamma, self.dtype,
             self.attention, name=BLOCKS)
         self.head_nm = AdaLNBeforeHead(C, self.norm_eps, std, self.init_adaln)
-        self.head = nn.Dense(self.vocab_size, kernel_init=trunc_normal(std, self.init_head))
+        self.head = Head(self.vocab_size, trunc_normal(std, self.init_head))
 
     # --- pieces shared by the teacher-forced forward and the cached sampler -----------------
     def cond(self, labels):
@@ -344,9 +359,14 @@ class VAR(nn.Module):
             return self.shared_ada_lin(nn.silu(cond)).reshape(-1, 6, self.embed_dim)
         return cond
 
-    def logits(self, h, cond):
-        """Head: AdaLN then the vocabulary projection, in float32."""
-        return self.head(self.head_nm(h.astype(jnp.float32), cond)).astype(jnp.float32)
+    def logits(self, h, cond, dtype=jnp.float32):
+        """Head: AdaLN in float32, then the vocabulary projection computed and returned in `dtype`.
+
+        The sampler asks for float32 logits. Training passes the blocks' dtype: in bfloat16 the (B, L, V)
+        logits and their gradient are half the bytes, as under the official autocast (its head is a low
+        precision matmul too); the loss upcasts them inside its fused reductions.
+        """
+        return self.head(self.head_nm(h.astype(jnp.float32), cond), dtype)
 
     # --- teacher forcing ---------------------------------------------------------------------
     def __call__(self, labels, x_wo_first, train: bool = False):
@@ -374,7 +394,7 @@ class VAR(nn.Module):
                             axis=1)
         sizes = tuple(e - b for b, e in self.begin_ends if e <= end)
         h, _ = self.blocks(x.astype(self.dtype), self._drop_rates(), None, self._cond_or_gss(cond), train, sizes)
-        return self.logits(h, cond)
+        return self.logits(h, cond, self.dtype)
 
     def _drop_rates(self):
         """Per-block drop-path rates, linearly from 0 to drop_path_rate (official)."""

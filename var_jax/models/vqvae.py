@@ -3,15 +3,18 @@
 The encoder and decoder are the LDM/VQGAN convolutional stacks (GroupNorm(32, eps 1e-6),
 SiLU, self-attention at the lowest resolution). Submodule names follow the official state
 dict ('down.2.block.0' -> 'down_2_block_0') so the converter is a renaming plus layout changes.
-Images are NHWC in [-1, 1].
+Images are NHWC in [-1, 1]. Every conv and matmul takes an explicit `precision`: the encoding path
+(encoder, quant_conv, quantizer) runs at VQVAE.encode_precision, the decoding path at decode_precision.
 """
-from typing import Sequence
+from typing import Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from var_jax.models.quantizer import MultiScaleQuantizer, validate_patch_nums
+from var_jax.models.quantizer import MultiScaleQuantizer, matmul_precision, validate_patch_nums
+
+Precision = Optional[jax.lax.Precision]   # None: the backend's default (or jax_default_matmul_precision)
 
 
 def _group_norm(name):
@@ -21,43 +24,55 @@ def _group_norm(name):
 
 class ResnetBlock(nn.Module):
     out_channels: int
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, x):
-        h = nn.Conv(self.out_channels, (3, 3), padding=1, name='conv1')(nn.silu(_group_norm('norm1')(x)))
-        h = nn.Conv(self.out_channels, (3, 3), padding=1, name='conv2')(nn.silu(_group_norm('norm2')(h)))
+        def conv(k, name):
+            return nn.Conv(self.out_channels, (k, k), padding=k // 2, precision=self.precision, name=name)
+
+        h = conv(3, 'conv1')(nn.silu(_group_norm('norm1')(x)))
+        h = conv(3, 'conv2')(nn.silu(_group_norm('norm2')(h)))
         if x.shape[-1] != self.out_channels:
-            x = nn.Conv(self.out_channels, (1, 1), name='nin_shortcut')(x)
+            x = conv(1, 'nin_shortcut')(x)
         return x + h
 
 
 class AttnBlock(nn.Module):
-    """Single-head spatial self-attention over all H*W positions, scale C^-0.5."""
+    """Single-head spatial self-attention over all H*W positions, scale C^-0.5.
+
+    Two einsums rather than jax.nn.dot_product_attention, which takes no precision.
+    """
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, x):
         B, H, W, C = x.shape
-        qkv = nn.Conv(3 * C, (1, 1), name='qkv')(_group_norm('norm')(x)).reshape(B, H * W, 3, 1, C)
-        h = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], scale=C ** -0.5)
-        return x + nn.Conv(C, (1, 1), name='proj_out')(h.reshape(B, H, W, C))
+        qkv = nn.Conv(3 * C, (1, 1), precision=self.precision, name='qkv')(_group_norm('norm')(x))
+        q, k, v = jnp.split(qkv.reshape(B, H * W, 3 * C), 3, axis=-1)
+        w = jax.nn.softmax(jnp.einsum('bqc,bkc->bqk', q, k, precision=self.precision) * C ** -0.5, axis=-1)
+        h = jnp.einsum('bqk,bkc->bqc', w, v, precision=self.precision)
+        return x + nn.Conv(C, (1, 1), precision=self.precision, name='proj_out')(h.reshape(B, H, W, C))
 
 
 class Downsample(nn.Module):
     """Stride-2 3x3 conv after zero-padding only right and bottom (the official asymmetric pad)."""
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, x):
         x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-        return nn.Conv(x.shape[-1], (3, 3), strides=2, padding='VALID', name='conv')(x)
+        return nn.Conv(x.shape[-1], (3, 3), strides=2, padding='VALID', precision=self.precision, name='conv')(x)
 
 
 class Upsample(nn.Module):
     """Nearest-neighbour x2 then a 3x3 conv."""
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, x):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return nn.Conv(x.shape[-1], (3, 3), padding=1, name='conv')(x)
+        return nn.Conv(x.shape[-1], (3, 3), padding=1, precision=self.precision, name='conv')(x)
 
 
 class Encoder(nn.Module):
@@ -67,25 +82,27 @@ class Encoder(nn.Module):
     z_channels: int
     using_sa: bool = True
     using_mid_sa: bool = True
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, x):
-        h = nn.Conv(self.ch, (3, 3), padding=1, name='conv_in')(x)
+        p = self.precision
+        h = nn.Conv(self.ch, (3, 3), padding=1, precision=p, name='conv_in')(x)
         last = len(self.ch_mult) - 1
         for i, mult in enumerate(self.ch_mult):
             for j in range(self.num_res_blocks):
-                h = ResnetBlock(self.ch * mult, name=f'down_{i}_block_{j}')(h)
+                h = ResnetBlock(self.ch * mult, p, name=f'down_{i}_block_{j}')(h)
                 if i == last and self.using_sa:
-                    h = AttnBlock(name=f'down_{i}_attn_{j}')(h)
+                    h = AttnBlock(p, name=f'down_{i}_attn_{j}')(h)
             if i != last:
-                h = Downsample(name=f'down_{i}_downsample')(h)
+                h = Downsample(p, name=f'down_{i}_downsample')(h)
         c = h.shape[-1]
-        h = ResnetBlock(c, name='mid_block_1')(h)
+        h = ResnetBlock(c, p, name='mid_block_1')(h)
         if self.using_mid_sa:
-            h = AttnBlock(name='mid_attn_1')(h)
-        h = ResnetBlock(c, name='mid_block_2')(h)
+            h = AttnBlock(p, name='mid_attn_1')(h)
+        h = ResnetBlock(c, p, name='mid_block_2')(h)
         h = nn.silu(_group_norm('norm_out')(h))
-        return nn.Conv(self.z_channels, (3, 3), padding=1, name='conv_out')(h)
+        return nn.Conv(self.z_channels, (3, 3), padding=1, precision=p, name='conv_out')(h)
 
 
 class Decoder(nn.Module):
@@ -95,25 +112,27 @@ class Decoder(nn.Module):
     out_channels: int = 3
     using_sa: bool = True
     using_mid_sa: bool = True
+    precision: Precision = None
 
     @nn.compact
     def __call__(self, z):
+        p = self.precision
         last = len(self.ch_mult) - 1
         c = self.ch * self.ch_mult[last]
-        h = nn.Conv(c, (3, 3), padding=1, name='conv_in')(z)
-        h = ResnetBlock(c, name='mid_block_1')(h)
+        h = nn.Conv(c, (3, 3), padding=1, precision=p, name='conv_in')(z)
+        h = ResnetBlock(c, p, name='mid_block_1')(h)
         if self.using_mid_sa:
-            h = AttnBlock(name='mid_attn_1')(h)
-        h = ResnetBlock(c, name='mid_block_2')(h)
+            h = AttnBlock(p, name='mid_attn_1')(h)
+        h = ResnetBlock(c, p, name='mid_block_2')(h)
         for i in reversed(range(len(self.ch_mult))):
             for j in range(self.num_res_blocks + 1):
-                h = ResnetBlock(self.ch * self.ch_mult[i], name=f'up_{i}_block_{j}')(h)
+                h = ResnetBlock(self.ch * self.ch_mult[i], p, name=f'up_{i}_block_{j}')(h)
                 if i == last and self.using_sa:
-                    h = AttnBlock(name=f'up_{i}_attn_{j}')(h)
+                    h = AttnBlock(p, name=f'up_{i}_attn_{j}')(h)
             if i != 0:
-                h = Upsample(name=f'up_{i}_upsample')(h)
+                h = Upsample(p, name=f'up_{i}_upsample')(h)
         h = nn.silu(_group_norm('norm_out')(h))
-        return nn.Conv(self.out_channels, (3, 3), padding=1, name='conv_out')(h)
+        return nn.Conv(self.out_channels, (3, 3), padding=1, precision=p, name='conv_out')(h)
 
 
 class VQVAE(nn.Module):
@@ -122,6 +141,13 @@ class VQVAE(nn.Module):
     Defaults are the released tokenizer vae_ch160v4096z32 (the official constructor hard-codes
     ch_mult (1, 1, 2, 2, 4); here it is a field). The latent side is image_size / 2^(len(ch_mult)-1)
     and must equal patch_nums[-1].
+
+    encode_precision / decode_precision ('highest' | 'high' | 'default'): the matmul precision of the
+    encoding path (encoder, quant_conv and the quantizer: its phi convs, resizes and nearest-code search,
+    which also build the transformer's input) and of the decoding path (post_quant_conv, decoder). They
+    choose how the math runs, not the params. On TPU (and with TF32 on GPU) float32 convs at 'default' run
+    as one bfloat16 pass, which flips nearest-code argmins, so token ids match the float32 reference only
+    at 'highest'; the decoder makes pixels, which the official sampler computes in float16 anyway.
     """
     vocab_size: int = 4096
     z_channels: int = 32
@@ -135,6 +161,8 @@ class VQVAE(nn.Module):
     quant_conv_ks: int = 3
     using_sa: bool = True
     using_mid_sa: bool = True
+    encode_precision: str = 'highest'
+    decode_precision: str = 'default'
 
     @property
     def downsample(self) -> int:
@@ -148,16 +176,18 @@ class VQVAE(nn.Module):
         if self.ch % 32 or any(self.ch * m % 32 for m in self.ch_mult):
             raise ValueError(f'every encoder/decoder width ch*ch_mult must be a multiple of 32 (GroupNorm '
                              f'with 32 groups); got ch={self.ch}, ch_mult={tuple(self.ch_mult)}')
+        enc = matmul_precision(self.encode_precision, 'encode_precision')
+        dec = matmul_precision(self.decode_precision, 'decode_precision')
         arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                     using_sa=self.using_sa, using_mid_sa=self.using_mid_sa)
-        self.encoder = Encoder(z_channels=self.z_channels, **arch)
-        self.decoder = Decoder(**arch)
+        self.encoder = Encoder(z_channels=self.z_channels, precision=enc, **arch)
+        self.decoder = Decoder(precision=dec, **arch)
         ks = self.quant_conv_ks
-        self.quant_conv = nn.Conv(self.z_channels, (ks, ks), padding=ks // 2)
-        self.post_quant_conv = nn.Conv(self.z_channels, (ks, ks), padding=ks // 2)
+        self.quant_conv = nn.Conv(self.z_channels, (ks, ks), padding=ks // 2, precision=enc)
+        self.post_quant_conv = nn.Conv(self.z_channels, (ks, ks), padding=ks // 2, precision=dec)
         self.quantize = MultiScaleQuantizer(
             vocab_size=self.vocab_size, cvae=self.z_channels, patch_nums=tuple(self.patch_nums),
-            beta=self.beta, quant_resi=self.quant_resi, share_quant_resi=self.share_quant_resi)
+            beta=self.beta, quant_resi=self.quant_resi, share_quant_resi=self.share_quant_resi, precision=enc)
 
     def _check_images(self, img):
         R = self.image_size

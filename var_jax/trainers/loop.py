@@ -20,10 +20,11 @@ from var_jax import api, checkpoint, sharding
 # Config fields a run may change when it resumes: schedule length and bookkeeping, never the model or data.
 RESUMABLE_KEYS = ('*total_steps', '*log_every*', '*eval_every*', '*sample_every*', '*save_every*',
                   '*keep_checkpoints*', 'sample', 'sample.*', 'mesh', 'mesh.*', 'distributed', 'stages',
-                  '*perceptual_weights_path', 'eval', 'eval.*')
+                  '*perceptual_weights_path', 'eval', 'eval.*', 'compile_cache_dir')
 # Config sections a stage's checkpoints do not depend on: the other stage's own settings (so the
 # transformer can be retuned on a finished tokenizer, and the reverse, in the same workdir).
-OTHER_STAGE_KEYS = {'tokenizer': ('transformer', 'var'), 'transformer': ('tokenizer',)}
+# data.pretokenize* only changes how the transformer reads its data.
+OTHER_STAGE_KEYS = {'tokenizer': ('transformer', 'var', 'data.pretokenize*'), 'transformer': ('tokenizer',)}
 
 
 class NonFiniteError(FloatingPointError):
@@ -109,8 +110,13 @@ def _log_line(stage, step, total, metrics, img_per_s, eta_s):
 
 def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_fn: Callable,
         step_args: tuple, total_steps: int, batch_size: int, on_sample: Optional[Callable] = None,
-        on_eval: Optional[Callable] = None, token_weights_fn: Optional[Callable] = None):
+        on_eval: Optional[Callable] = None, token_weights_fn: Optional[Callable] = None,
+        make_batches: Optional[Callable] = None):
     """Runs `step_fn(state, *step_args, batch[, token_weights]) -> (state, metrics)` to total_steps.
+
+    Batches come from make_batches(start_step), an iterator of this host's batches (dicts of arrays split
+    over the devices along their first axis) from the step the run resumes at; by default the training
+    images of config.data (`data.make_train_iterator`).
 
     Resumes from workdir/<stage>'s latest checkpoint; saves every config.save_every steps, at the
     end and on SIGTERM; writes TensorBoard scalars; calls on_sample(params, step) every
@@ -130,13 +136,15 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
     if start >= total_steps:
         ckpt.close()
         return state
-    batches = data.make_train_iterator(config.data, batch_size, seed=config.seed, start_step=start)
+    if make_batches is None:
+        make_batches = lambda step: data.make_train_iterator(config.data, batch_size, seed=config.seed,
+                                                             start_step=step)
+    batches = make_batches(start)
     writer = tensorboard.SummaryWriter(os.path.join(stage_dir, 'tb')) if jax.process_index() == 0 else None
-    batch_sharding = sharding.batch_sharding(mesh)
-    data_shardings = {'image': batch_sharding, 'label': batch_sharding}
+    batch_sharding = sharding.batch_sharding(mesh)  # one sharding for every array of the batch
     extra = (sharding.replicated(mesh),) if token_weights_fn else ()
     jitted = jax.jit(step_fn, in_shardings=(state_shardings, *[sharding.replicated(mesh)] * len(step_args),
-                                            data_shardings, *extra),
+                                            batch_sharding, *extra),
                      out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
     t0 = time.time()
     pending, previous = [], None
@@ -146,7 +154,7 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
     with ckpt.handle_preemption(), in_mesh:
         for step in range(start, total_steps):
             batch = next(batches)
-            batch = sharding.global_batch({'image': batch['image'], 'label': batch['label']}, mesh)
+            batch = sharding.global_batch(batch, mesh)
             weights = (jnp.asarray(token_weights_fn(step)),) if token_weights_fn else ()
             state, metrics = jitted(state, *step_args, batch, *weights)
             # At most one step in flight: a SIGTERM is acted on after the step that is running, not after a

@@ -1,12 +1,15 @@
 """Stage 2: the VAR transformer on the frozen tokenizer's tokens, the official recipe (VAR_SPEC 4).
 
-Each step tokenizes the batch with the frozen VQVAE, builds the teacher-forcing input and takes the plain
-mean cross-entropy over all tokens (optionally label-smoothed), with 10% label dropout, drop path and
+Each step tokenizes the batch with the frozen VQVAE (or, with data.pretokenize, reads token maps the frozen
+VQVAE encoded once: `pretokenized_batches`), builds the teacher-forcing input and takes the plain mean
+cross-entropy over all tokens (optionally label-smoothed), with 10% label dropout, drop path and
 AdamW (`var_jax.optim`). Progressive training (pg > 0) trains coarse scales first: the sequence is cut to
 the active scales and the newest scale's loss weight ramps up over pgwp epochs, as the official trainer does.
 """
 import functools
+import hashlib
 import itertools
+import json
 import os
 
 import jax
@@ -45,13 +48,19 @@ def make_step(vqvae: VQVAE, var: VAR, tx: optax.GradientTransformation, label_sm
     """Transformer step `(state, vae_params, batch, token_weights) -> (state, metrics)`: tokenize with the
     frozen VQVAE, teacher-force, AdamW. Pure in its inputs.
 
+    batch: {'image': (B, R, R, 3), 'label'}, or {'tokens': int32 (B, L), 'label'} with the token ids of all
+    scales concatenated (pre-tokenised data): then the encoder is not run at all.
+
     token_weights (L',) are the loss weights of the first L' tokens; L' < L (a scale boundary) trains
     only the scales before it, on the truncated sequence (progressive training). jit compiles once per L'.
     """
     def step(state, vae_params, batch, token_weights):
         rng = jax.random.fold_in(state['rng'], state['step'])
         end = token_weights.shape[0]
-        idx = vqvae.apply({'params': vae_params}, batch['image'], method=VQVAE.img_to_idx)
+        if 'tokens' in batch:
+            idx = [batch['tokens'][:, b:e] for b, e in begin_ends(vqvae.patch_nums)]
+        else:
+            idx = vqvae.apply({'params': vae_params}, batch['image'], method=VQVAE.img_to_idx)
         x = vqvae.apply({'params': vae_params}, idx, method=VQVAE.idx_to_var_input)
         targets = jnp.concatenate(idx, axis=1)[:, :end]
         x = x[:, :end - var.patch_nums[0] ** 2]
@@ -59,8 +68,8 @@ def make_step(vqvae: VQVAE, var: VAR, tx: optax.GradientTransformation, label_sm
         (loss, (ce, correct)), grads = grad_fn(var, state['params'], batch['label'], x, targets, token_weights,
                                                label_smoothing=label_smoothing, train=True, rng=rng)
         grad_norm = optax.tree.norm(grads)
-        # NaN pixels still give valid token ids; flag them like a NaN loss.
-        loss = jnp.where(jnp.all(jnp.isfinite(batch['image'])), loss, jnp.nan)
+        if 'image' in batch:  # NaN pixels still give valid token ids; flag them like a NaN loss.
+            loss = jnp.where(jnp.all(jnp.isfinite(batch['image'])), loss, jnp.nan)
         ls, accs = _scale_means(ce, var.patch_nums), _scale_means(correct, var.patch_nums) * 100
         new = loop.apply_update(state, grads, tx, loss, grad_norm)
         metrics = dict(loss=loss, Lm=ce.mean(), Lt=ls[-1], Accm=correct.mean() * 100, Acct=accs[-1],
@@ -175,13 +184,72 @@ def train(config, workdir: str, num_data_classes: int, vae_params=None, pretrain
     state = loop.fit('transformer', workdir, config, state=state, state_shardings=shardings, mesh=mesh,
                      step_fn=make_step(vqvae, var, tx, cfg.label_smoothing), step_args=(vae_params,),
                      total_steps=cfg.total_steps, batch_size=cfg.batch_size, on_sample=on_sample,
-                     on_eval=_validation(config, vqvae, var, vae_params, mesh), token_weights_fn=weights)
+                     on_eval=_validation(config, vqvae, var, vae_params, mesh), token_weights_fn=weights,
+                     make_batches=pretokenized_batches(config, workdir, vqvae, vae_params)
+                     if config.data.pretokenize else None)
     params = jax.device_get(state['params'])
     if jax.process_index() == 0:
         checkpoint.save_pretrained(loop.export_dir(workdir),
                                    {'vae': checkpoint.model_config(vqvae), 'var': checkpoint.model_config(var)},
                                    {'vae': jax.device_get(vae_params), 'var': params})
     return params
+
+
+# --- pre-tokenised data (config.data.pretokenize) ------------------------------------------------
+def tokenizer_fingerprint(vqvae: VQVAE, vae_params) -> str:
+    """sha256 of the tokenizer's config and params: a token cache is valid for exactly this tokenizer.
+    decode_precision is left out: the decoder makes no token ids."""
+    cfg = {k: v for k, v in checkpoint.model_config(vqvae).items() if k != 'decode_precision'}
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(vae_params))
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(leaf)
+        h.update(f'{jax.tree_util.keystr(path)} {a.dtype} {a.shape}'.encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def make_encoder(vqvae: VQVAE, vae_params, per_device: int = 64):
+    """float32 (n, R, R, 3) images -> int32 (n, L) token ids (`VQVAE.img_to_idx`, scales concatenated), on this
+    host's devices only (each host encodes its own shard), in zero-padded chunks of per_device x devices
+    images: one compile. 64 images per device keep a 256-px encoder within ~12 GiB (README, Benchmarks)."""
+    devices = jax.local_devices()
+    mesh = jax.sharding.Mesh(np.array(devices), ('data',))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+    fn = jax.jit(lambda p, x: jnp.concatenate(vqvae.apply({'params': p}, x, method=VQVAE.img_to_idx), axis=1),
+                 in_shardings=(rep, split), out_shardings=split)
+    n = per_device * len(devices)
+    on_devices = []  # the params on this host's devices, put there by the first call (none when a cache is reused)
+
+    def encode(images):
+        if not on_devices:
+            on_devices.append(jax.device_put(jax.device_get(vae_params), rep))
+        params = on_devices[0]
+        out = []
+        for i in range(0, len(images), n):
+            m = min(n, len(images) - i)
+            chunk = np.zeros((n,) + images.shape[1:], np.float32)
+            chunk[:m] = images[i:i + m]
+            out.append(np.asarray(fn(params, chunk))[:m])
+        return np.concatenate(out)
+    return encode
+
+
+def pretokenized_batches(config, workdir: str, vqvae: VQVAE, vae_params):
+    """make_batches for `loop.fit`: builds (or reuses) the token cache in <workdir>/tokens of the frozen
+    tokenizer, then batches it from the step the run starts at (`var_jax.data.tokens`)."""
+    from var_jax.data import tokens
+
+    def make_batches(start_step):
+        root = os.path.join(workdir, 'tokens')
+        L = sum(p * p for p in vqvae.patch_nums)
+        tokens.build_token_cache(config.data, root, make_encoder(vqvae, vae_params),
+                                 fingerprint=tokenizer_fingerprint(vqvae, vae_params), seq_len=L,
+                                 vocab_size=vqvae.vocab_size, seed=config.seed)
+        return tokens.make_token_iterator(root, config.transformer.batch_size, seed=config.seed,
+                                          start_step=start_step)
+    return make_batches
 
 
 def _validation(config, vqvae, var, vae_params, mesh):
