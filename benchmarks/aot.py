@@ -73,7 +73,9 @@ class Row:
     model_flops: float   # analytic, per chip
 
     def cells(self, peak):
-        ok = self.est_s > 0  # XLA gives a negative estimate for some programs (the tokenizer step): none then
+        # XLA gives a negative estimate for some programs (the tokenizer step, the transformer step on a mesh with
+        # both a data and an FSDP axis > 1): none then
+        ok = self.est_s > 0
         mfu = self.model_flops / self.est_s / (peak * 1e12) * 100 if self.model_flops and ok else float('nan')
         return [self.program, str(self.chips), str(self.batch), f'{self.compile_s:.0f}', f'{self.arg:.2f}',
                 f'{self.temp:.2f}', f'{self.out:.2f}', 'yes' if self.fits else 'NO', f'{self.tflop:.1f}',
@@ -136,6 +138,8 @@ def corrected_cost(config, name, mesh, device, batch, compiled):
     the token filters of every scale with and without top-k / top-p (each search loop counted once).
     """
     f, s = cost(compiled)
+    if not s > 0:  # XLA gave no usable estimate (negative for some sharded programs): nothing to correct
+        s = float('nan')
     vqvae, var = common.models(config)
     if var.scan is not False and var.depth > 1:  # None scans on TPU
         (f1, s1), (f2, s2) = (cost(_compile(*_blocks_only(config, name, mesh, device, batch, d), mesh))

@@ -27,6 +27,7 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import jax
+from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -54,12 +55,14 @@ def make_mesh(fsdp: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> 
             f'fsdp={fsdp} must be a positive divisor of the number of devices ({n}); '
             f'valid choices: {[d for d in range(1, n + 1) if n % d == 0]}'
         )
-    return jax.make_mesh(
-        (n // fsdp, fsdp),
-        BATCH_AXES,
-        axis_types=(AxisType.Auto, AxisType.Auto),
-        devices=devices,
-    )
+    shape, types = (n // fsdp, fsdp), (AxisType.Auto, AxisType.Auto)
+    try:
+        return jax.make_mesh(shape, BATCH_AXES, axis_types=types, devices=devices)
+    except NotImplementedError:
+        # A TPU torus fits a mesh axis only to a product of its physical axes (fsdp 8 on a 4x4x4 pod is not
+        # one); then the FSDP groups span part of a physical axis: valid, with slower collectives.
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, BATCH_AXES, axis_types=types)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
