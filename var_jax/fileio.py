@@ -1,5 +1,6 @@
 """Atomic file writes: a reader (or a run killed mid-write) sees the old file or the new one, never a torn one."""
 import contextlib
+import json
 import os
 
 
@@ -21,3 +22,9 @@ def atomic_write(path: str):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_json(path: str, obj) -> None:
+    """Writes JSON (sorted keys, indented) through `atomic_write`."""
+    with atomic_write(path) as tmp, open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2, sort_keys=True)

@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from var_jax.fileio import atomic_write
+from var_jax.fileio import atomic_write_json
 from var_jax.sharding import PyTree
 
 STATE_ITEM = 'state'
@@ -107,12 +107,6 @@ def config_diff(
         if va != vb:
             diffs[key] = (va, vb)
     return diffs
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    """Writes JSON so readers see the old file or the new one, never a torn one."""
-    with atomic_write(path) as tmp, open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ import tensorflow as tf
 from var_jax.data import preprocessing, sources
 from var_jax.data.config import validate_config
 from var_jax.data.iterators import _derive_seed, _process_layout
-from var_jax.fileio import atomic_write
+from var_jax.fileio import atomic_write, atomic_write_json
 
 CACHE_VERSION = 1
 SHARD_IMAGES = 8192   # images per shard file (ImageNet 256 px, 1 view: 11 MB); a killed build loses at most one
@@ -107,11 +107,6 @@ def _read_json(path):
         return None
 
 
-def _write_json(path, obj):
-    with atomic_write(path) as tmp, open(tmp, 'w') as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-
-
 def _differences(old: dict, new: dict) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if 'data' in keys:
@@ -170,7 +165,7 @@ def build_token_cache(data_config, cache_root: str, encode: Callable[[np.ndarray
     for name in os.listdir(out):  # temporary files of writes a killed build left behind
         if '.tmp' in name:
             os.remove(os.path.join(out, name))
-    _write_json(building_path, spec)
+    atomic_write_json(building_path, spec)
 
     n, E = shard.num_examples, spec['entries']
     num_shards = -(-n // SHARD_IMAGES)
@@ -216,7 +211,7 @@ def build_token_cache(data_config, cache_root: str, encode: Callable[[np.ndarray
         raise RuntimeError(f'the training split yielded {done} images, expected {n}; the cache in {out} is '
                            f'left unfinished (run again to resume)')
     names = [_shard_names(i) for i in range(num_shards)]
-    _write_json(manifest_path, dict(spec=spec, shards=[dict(tokens=t, labels=l) for t, l in names]))
+    atomic_write_json(manifest_path, dict(spec=spec, shards=[dict(tokens=t, labels=l) for t, l in names]))
     os.remove(building_path)
     size = n * E * seq_len * 2
     print(f'[pretokenize] cached {n} images x {E} token maps x {seq_len} tokens ({size / 2 ** 20:.1f} MiB) in '

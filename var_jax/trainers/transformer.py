@@ -213,13 +213,11 @@ def make_encoder(vqvae: VQVAE, vae_params, per_device: int = 64):
     """float32 (n, R, R, 3) images -> int32 (n, L) token ids (`VQVAE.img_to_idx`, scales concatenated), on this
     host's devices only (each host encodes its own shard), in zero-padded chunks of per_device x devices
     images: one compile. 64 images per device keep a 256-px encoder within ~12 GiB (README, Benchmarks)."""
-    devices = jax.local_devices()
-    mesh = jax.sharding.Mesh(np.array(devices), ('data',))
-    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+    mesh = sharding.make_mesh(1, devices=jax.local_devices())
+    rep, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     fn = jax.jit(lambda p, x: jnp.concatenate(vqvae.apply({'params': p}, x, method=VQVAE.img_to_idx), axis=1),
                  in_shardings=(rep, split), out_shardings=split)
-    n = per_device * len(devices)
+    n = per_device * mesh.size
     on_devices = []  # the params on this host's devices, put there by the first call (none when a cache is reused)
 
     def encode(images):
