@@ -7,8 +7,8 @@ requirements-tpu.txt (README, Benchmarks); the CPU venv of the project does not 
 
 Programs (--programs): 'transformer' (the transformer train step of var_jax.trainers.transformer: on token
 maps with --config.data.pretokenize=True, else tokenizing the images in the step), 'tokenizer' (the tokenizer train step, reconstruction + VQ loss) on every chip of the topology,
-and 'sampler' (var_jax.sampling's compiled sampler: cfg on, the config's top-k / top-p, decode included)
-on one chip. One table row per program:
+'sampler' (var_jax.sampling's compiled scale loop: cfg on, the config's top-k / top-p) and 'decode' (the
+sampler's f_hat -> pixels, its own program) on one chip. One table row per program:
 
 - compile s: trace + lower + compile on this host. arg / temp / out GiB: per chip, from XLA's memory
   analysis; fits: arguments + temporaries + outputs (minus donated aliases) <= the chip's HBM.
@@ -42,7 +42,7 @@ from var_jax.models import attention  # noqa: E402
 
 common.define_config_flag()
 flags.DEFINE_string('topology', 'v5p:2x2x1', 'TPU topology, e.g. v4:2x2x1, v5e:2x2, v5p:2x2x4, v6e:2x2')
-flags.DEFINE_list('programs', ['transformer', 'tokenizer', 'sampler'], 'programs to compile')
+flags.DEFINE_list('programs', ['transformer', 'tokenizer', 'sampler', 'decode'], 'programs to compile')
 flags.DEFINE_integer('batch_per_chip', None, 'train batch per chip (default: the config\'s batch / chips)')
 flags.DEFINE_integer('sample_batch', 64, 'sampler batch (one chip; doubled inside for cfg)')
 flags.DEFINE_integer('fsdp', None, 'chips per FSDP group (default: config.mesh.fsdp, capped at the chips)')
@@ -117,8 +117,10 @@ def build(config, name, mesh, device, batch, var_overrides=None):
         fn, args, _ = common.transformer_program(config, vqvae, var, mesh, batch)
     elif name == 'tokenizer':
         fn, args, _ = common.tokenizer_program(config, vqvae, mesh, batch)
-    else:
+    elif name == 'sampler':
         fn, args = common.sampler_program(config, vqvae, var, device, batch)
+    else:
+        fn, args = common.decode_program(vqvae, device, batch)
     return fn, args, var
 
 
@@ -228,7 +230,7 @@ def main(_):
     print('|' + '|'.join('-' * (w + 2) for w in widths) + '|', flush=True)
     with attention.compile_target('tpu'):
         for name in FLAGS.programs:
-            if name == 'sampler':
+            if name in ('sampler', 'decode'):
                 mesh_p, chips, batch = one, 1, FLAGS.sample_batch
             else:
                 cfg_batch = config.transformer.batch_size if name == 'transformer' else config.tokenizer.batch_size
@@ -236,7 +238,7 @@ def main(_):
                 batch = (FLAGS.batch_per_chip or max(cfg_batch // n, 1)) * n
             compiled, secs, var = compile_program(config, name, mesh_p, devices[0], batch)
             f, s = cost(compiled)
-            if FLAGS.correct_loops and name != 'tokenizer':
+            if FLAGS.correct_loops and name in ('transformer', 'sampler'):
                 f, s = corrected_cost(config, name, mesh_p, devices[0], batch, compiled)
             model = {'transformer': common.analytic_flops(var, batch // chips),
                      'sampler': common.analytic_flops(var, 2 * batch, train=False)}.get(name, 0.0)

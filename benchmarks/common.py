@@ -117,19 +117,35 @@ def tokenizer_program(config, vqvae, mesh, batch: int):
 
 
 def sampler_program(config, vqvae, var, device, batch: int):
-    """(the compiled-once sampler of `sampling.sample`, abstract args) for one device, the config's
-    sample settings (cfg on, top-k, top-p)."""
+    """(the compiled-once scale loop of `sampling.sample`, abstract args) for one device, the config's
+    sample settings (cfg on, top-k, top-p); the decode to pixels is `decode_program`."""
     s = config.sample
-    one = jax.sharding.SingleDeviceSharding(device)
     fn = sampling._compiled_loop(vqvae, var, int(s.top_k), bool(s.top_p > 0), bool(s.more_smooth), False)
-    tp = jax.eval_shape(var_init_fn(var), jax.random.PRNGKey(0))
-    R = vqvae.image_size
-    vp = jax.eval_shape(lambda k: vqvae.init(k, jnp.zeros((1, R, R, 3)))['params'], jax.random.PRNGKey(0))
-    on = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), t)
-    scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=one)
-    args = (on(vp), on(tp), jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=one),
-            on(jax.eval_shape(lambda: jax.random.PRNGKey(0))), scalar, scalar, scalar)
+    on = _on_device(device)
+    scalar = on(jax.ShapeDtypeStruct((), jnp.float32))
+    args = (on(vae_shapes(vqvae)), on(jax.eval_shape(var_init_fn(var), jax.random.PRNGKey(0))),
+            on(jax.ShapeDtypeStruct((batch,), jnp.int32)), on(jax.eval_shape(lambda: jax.random.PRNGKey(0))),
+            scalar, scalar, scalar)
     return fn, args
+
+
+def decode_program(vqvae, device, batch: int):
+    """(the sampler's compiled decode f_hat -> images, abstract args) for one device."""
+    pn = vqvae.patch_nums[-1]
+    on = _on_device(device)
+    return sampling._compiled_decode(vqvae), (on(vae_shapes(vqvae)),
+                                              on(jax.ShapeDtypeStruct((batch, pn, pn, vqvae.z_channels), jnp.float32)))
+
+
+def vae_shapes(vqvae):
+    R = vqvae.image_size
+    return jax.eval_shape(lambda k: vqvae.init(k, jnp.zeros((1, R, R, 3)))['params'], jax.random.PRNGKey(0))
+
+
+def _on_device(device):
+    """tree -> the same abstract arrays placed on `device`."""
+    one = jax.sharding.SingleDeviceSharding(device)
+    return lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), t)
 
 
 def analytic_flops(var, batch: int, train: bool = True) -> float:

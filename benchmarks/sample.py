@@ -65,9 +65,11 @@ def main(_):
     cpu_share = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) / sum(times) / (os.cpu_count() or 1)
     gflop = None
     if FLAGS.flops:
-        fn, args = common.sampler_program(config, vqvae, var, jax.devices()[0], batch)
-        cost = fn.lower(*args).compile().cost_analysis()
-        gflop = (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'] / 1e9
+        gflop = 0.0
+        for fn, args in (common.sampler_program(config, vqvae, var, jax.devices()[0], batch),
+                         common.decode_program(vqvae, jax.devices()[0], batch)):
+            cost = fn.lower(*args).compile().cost_analysis()
+            gflop += (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'] / 1e9
 
     R = vqvae.image_size
     print(f'device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}')

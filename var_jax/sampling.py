@@ -2,11 +2,13 @@
 
 One `jax.jit`-compiled function runs the whole next-scale loop: a Python loop over the static
 scale sizes (unrolled, so every shape is static), one fixed-size KV cache of L slots per block,
-classifier-free guidance on a doubled batch [cond; uncond] that shares a single f_hat, and the
-decode of f_hat to pixels at the end. Settings that change shapes or the program (top_k,
-whether top-p is on, more_smooth, return_logits, editing or not) are static; labels, key, cfg,
-top_p and temperature are traced, so a new label set, seed, cfg or top_p value reuses the
-compiled function. Compiled functions are cached per (models, static settings).
+classifier-free guidance on a doubled batch [cond; uncond] that shares a single f_hat. A second
+compiled function decodes f_hat to pixels: one per tokenizer, shared by every sampler setting and
+by editing (the decoder is a large share of an accelerator compile), and not run where only tokens
+are wanted. Settings that change shapes or the program (top_k, whether top-p is on, more_smooth,
+return_logits, editing or not) are static; labels, key, cfg, top_p and temperature are traced, so a
+new label set, seed, cfg or top_p value reuses the compiled function. Compiled functions are cached
+per (models, static settings).
 
 Editing (inpainting, outpainting, class-conditional editing) is the same loop with a per-scale
 replacement: where the keep mask is 1 the sampled embeddings are replaced by the source image's
@@ -159,8 +161,7 @@ def _scale_loop(vqvae, var, top_k, use_top_p, more_smooth, return_logits,
         if si + 1 < K:
             x = v.scale_tokens(si + 1, nxt.reshape(B, pns[si + 1] ** 2, Cv))
             x = jnp.concatenate([x, x])  # cond and uncond halves share f_hat
-    img = vae.fhat_to_img(f_hat)
-    res = {'idx': idx_out, 'images': img * 0.5 + 0.5, 'f_hat': f_hat}
+    res = {'idx': idx_out, 'f_hat': f_hat}
     if return_logits:
         res['logits'] = logits_out
     return res
@@ -170,6 +171,17 @@ def _scale_loop(vqvae, var, top_k, use_top_p, more_smooth, return_logits,
 def _compiled_loop(vqvae, var, top_k: int, use_top_p: bool, more_smooth: bool, return_logits: bool):
     """The jitted scale loop for one (models, static settings); linen modules hash by their fields."""
     return jax.jit(functools.partial(_scale_loop, vqvae, var, top_k, use_top_p, more_smooth, return_logits))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_decode(vqvae):
+    """The jitted decode f_hat -> images in [0, 1] of one tokenizer."""
+    return jax.jit(lambda vae_params, f_hat: vqvae.apply({'params': vae_params}, f_hat,
+                                                         method=VQVAE.fhat_to_img) * 0.5 + 0.5)
+
+
+def _with_images(vqvae, vae_params, res):
+    return dict(res, images=_compiled_decode(vqvae)(vae_params, res['f_hat']))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,7 +287,7 @@ def sample(vqvae, vae_params, var, var_params, labels, key, *, cfg: float = 1.5,
         labels = _labels_array(var, labels, batch_size)
     res = _compiled_loop(vqvae, var, int(top_k), bool(top_p > 0), bool(more_smooth), bool(return_logits))(
         vae_params, var_params, labels, key, jnp.float32(cfg), jnp.float32(top_p), jnp.float32(temperature))
-    return dict(res, labels=labels)
+    return dict(_with_images(vqvae, vae_params, res), labels=labels)
 
 
 def parse_labels(spec: str, num_images: int, num_classes: int) -> np.ndarray:
@@ -392,7 +404,7 @@ def edit(vqvae, vae_params, var, var_params, image, mask, labels=None, key=0, *,
     res = _compiled_loop(vqvae, var, int(top_k), bool(top_p > 0), bool(more_smooth), bool(return_logits))(
         vae_params, var_params, labels, _as_key(key), jnp.float32(cfg), jnp.float32(top_p),
         jnp.float32(temperature), src_idx, keep)
-    return dict(res, labels=labels, src_idx=src_idx)
+    return dict(_with_images(vqvae, vae_params, res), labels=labels, src_idx=src_idx)
 
 
 def teacher_forced(vqvae, vae_params, var, var_params, labels, idx_list):

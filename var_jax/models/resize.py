@@ -58,6 +58,16 @@ def resize_matrix(n_in: int, n_out: int, method: str) -> np.ndarray:
     return m
 
 
+def padded_resize_matrix_2d(n_in: int, n_out: int, method: str, pad_in: int, pad_out: int) -> np.ndarray:
+    """(pad_out^2, pad_in^2) float64: the 2-D resize of an n_in x n_in map to n_out x n_out, both flattened
+    row-major and held in the top-left corner of a pad x pad map (zeros elsewhere), so maps of several sizes
+    can be stacked and resized by one batched matmul."""
+    r = resize_matrix(n_in, n_out, method)
+    m = np.zeros((pad_out, pad_out, pad_in, pad_in))
+    m[:n_out, :n_out, :n_in, :n_in] = np.einsum('yi,xj->yxij', r, r)
+    return m.reshape(pad_out * pad_out, pad_in * pad_in)
+
+
 def resize(x: jax.Array, size: tuple, method: str, precision=jax.lax.Precision.HIGHEST) -> jax.Array:
     """Resizes the spatial axes of an NHWC array exactly like torch's `F.interpolate`.
 
