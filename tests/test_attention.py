@@ -16,18 +16,18 @@ def reference(q, k, v, sizes, scale):
     """Masked softmax attention in float64, written from the definition."""
     q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
     ids = np.repeat(np.arange(len(sizes)), sizes)
-    s = np.einsum('bqhd,bkhd->bhqk', q, k) * scale
+    s = np.einsum('bhqd,bhkd->bhqk', q, k) * scale
     s = np.where(ids[:, None] >= ids[None, :], s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
-    return np.einsum('bhqk,bkhd->bqhd', p, v)
+    return np.einsum('bhqk,bhkd->bhqd', p, v)
 
 
 @pytest.fixture(scope='module')
 def qkv():
     L = sum(SIZES)
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    return tuple(jax.random.normal(kk, (2, L, 2, 64), jnp.float32) for kk in keys)
+    return tuple(jax.random.normal(kk, (2, 2, L, 64), jnp.float32) for kk in keys)  # head-major (B, H, L, hd)
 
 
 def test_block_causal_mask_is_by_scale():

@@ -3,7 +3,7 @@
 VAR's mask is block-causal: the sequence is cut into blocks (one per scale, `sizes` tokens each) and a
 query sees every key of its own block and of all earlier blocks. Implementations:
 
-- 'xla':    `jax.nn.dot_product_attention` with the dense (L, L) mask; XLA materialises the (B, H, L, L)
+- 'xla':    dense softmax attention with the (L, L) mask; XLA materialises the (B, H, L, L)
             probabilities (and keeps them for the backward pass). Works everywhere; the CPU default.
 - 'splash': the Pallas TPU splash-attention kernel with the mask as its block-sparse mask: fully masked
             (128 x 128) tiles are skipped, never computed, and no (B, H, L, L) array exists in the forward
@@ -70,36 +70,51 @@ def block_causal(sizes: Sequence[int]) -> np.ndarray:
     return ids[:, None] >= ids[None, :]
 
 
-def attend(q, k, v, *, sizes: Sequence[int], scale: float, implementation: str = 'auto'):
-    """Block-causal attention. q, k, v: (B, L, H, hd) with L = sum(sizes) -> (B, L, H, hd).
+def padding(n: int, implementation: str, dtype) -> int:
+    """Tokens to append to a sequence of n before `attend`: splash works on whole tiles, and padding the
+    block's input once lets q, k, v come out of their matmul already tiled (no pad copy of each)."""
+    if resolve(implementation, dtype) != 'splash':
+        return 0
+    return -n % SPLASH_BLOCK
 
-    `sizes` (static) are the block lengths; `scale` multiplies the logits q.k.
+
+def attend(q, k, v, *, sizes: Sequence[int], scale: float, implementation: str = 'auto'):
+    """Block-causal attention. q, k, v: head-major (B, H, L, hd) with L = sum(sizes) -> (B, H, L, hd).
+
+    `sizes` (static) are the block lengths; `scale` multiplies the logits q.k. Head-major is the layout
+    of both attention matmuls and of the splash kernel, so no transposes are needed around them.
     """
     sizes = tuple(int(s) for s in sizes)
-    if q.shape[1] != sum(sizes):
-        raise ValueError(f'attention over {q.shape[1]} tokens but the blocks {sizes} hold {sum(sizes)}')
+    if q.shape[2] != sum(sizes):
+        raise ValueError(f'attention over {q.shape[2]} tokens but the blocks {sizes} hold {sum(sizes)}')
     impl = resolve(implementation, q.dtype)
     if impl == 'splash':
         return _splash(q, k, v, sizes, scale)
-    mask = jnp.asarray(block_causal(sizes))[None, None]
-    if impl == 'cudnn':
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation='cudnn')
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation='xla')
+    mask = jnp.asarray(block_causal(sizes))
+    if impl == 'cudnn':  # cuDNN takes (B, L, H, hd)
+        t = lambda x: x.transpose(0, 2, 1, 3)
+        return t(jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask[None, None], scale=scale,
+                                              implementation='cudnn'))
+    return _softmax_attention(q, k, v, scale, mask)
 
 
 def attend_cached(q, k, v, past_k, past_v, *, scale: float):
-    """The sampler's attention: q (B, N, H, hd) attends to the past keys/values (B, H, P, hd) and to its
-    own block k, v (B, N, H, hd) (all of them, no mask). Returns (B, N, H, hd).
+    """The sampler's attention: q (B, H, N, hd) attends to the past keys/values (B, H, P, hd) and to its
+    own block k, v (B, H, N, hd) (all of them, no mask). Returns (B, H, N, hd).
 
-    The past is head-major, the layout both matmuls consume, so only the N new tokens are transposed.
     Each query row is at most (P + N) long, so XLA's dense attention is what fits here.
     """
-    heads_first = lambda t: t.transpose(0, 2, 1, 3).astype(q.dtype)
-    keys = jnp.concatenate([past_k.astype(q.dtype), heads_first(k)], axis=2)
-    values = jnp.concatenate([past_v.astype(q.dtype), heads_first(v)], axis=2)
-    s = jnp.einsum('bnhd,bhsd->bhns', q, keys, preferred_element_type=jnp.float32) * scale
-    p = jax.nn.softmax(s, axis=-1).astype(values.dtype)
-    return jnp.einsum('bhns,bhsd->bnhd', p, values)
+    keys = jnp.concatenate([past_k.astype(q.dtype), k], axis=2)
+    values = jnp.concatenate([past_v.astype(q.dtype), v], axis=2)
+    return _softmax_attention(q, keys, values, scale)
+
+
+def _softmax_attention(q, k, v, scale, mask=None):
+    """Dense attention on head-major arrays, logits and softmax in float32; every query row sees a key."""
+    s = jnp.einsum('bhnd,bhsd->bhns', q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+    return jnp.einsum('bhns,bhsd->bhnd', jax.nn.softmax(s, axis=-1).astype(v.dtype), v)
 
 
 # --- splash attention --------------------------------------------------------------------------
@@ -125,15 +140,14 @@ def _splash_kernel(sizes: tuple, heads: int, interpret: bool):
 
 
 def _splash(q, k, v, sizes, scale):
-    B, L, H, hd = q.shape
-    Lp = -(-L // SPLASH_BLOCK) * SPLASH_BLOCK
+    B, H, L, hd = q.shape
+    Lp = L + (-L % SPLASH_BLOCK)
     kernel = _splash_kernel(sizes, H, target_platform() != 'tpu')
 
     def per_device(q, k, v):
-        # (B, L, H, hd) -> (B, H, Lp, hd); splash takes unscaled logits, so the scale goes into q.
-        prep = lambda t: jnp.pad(t.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, Lp - L), (0, 0)))
-        out = jax.vmap(kernel)(prep(q * jnp.asarray(scale, q.dtype)), prep(k), prep(v))
-        return out[:, :, :L].transpose(0, 2, 1, 3)
+        # Splash takes unscaled logits, so the scale goes into q; a sequence not yet tiled is padded here.
+        pad = lambda t: jnp.pad(t, ((0, 0), (0, 0), (0, Lp - L), (0, 0))) if Lp > L else t
+        return jax.vmap(kernel)(pad(q * jnp.asarray(scale, q.dtype)), pad(k), pad(v))[:, :, :L]
 
     # A Pallas kernel is opaque to XLA's partitioner: under a mesh (jax.set_mesh), run it per device on
     # the local batch shard (the batch is split over every mesh axis, as var_jax.sharding does).

@@ -69,9 +69,32 @@ def _layer_norm(x, eps):
 
 
 def _l2_normalize(x, eps=1e-12):
-    """torch F.normalize: x / max(||x||, eps) over the last axis."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True))
-    return (x / jnp.maximum(norm, eps)).astype(x.dtype)
+    """torch F.normalize: x / max(||x||, eps) over the last axis.
+
+    Written as sqrt(max(||x||^2, eps^2)): the same values, and a zero row (splash's padded keys) gets the
+    gradient torch gives it instead of sqrt's NaN at 0.
+    """
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True), eps * eps))
+    return (x / norm).astype(x.dtype)
+
+
+class ReshapedDense(nn.Module):
+    """nn.Dense's params (kernel (in_features, features), optional bias) applied as one einsum over the kernel
+    reshaped to `kernel_shape`, so the matmul reads and writes the layout attention works in (head-major
+    q, k, v) and XLA needs no transposes around it."""
+    in_features: int
+    features: int
+    kernel_init: Callable
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, spec: str, kernel_shape: tuple):
+        kernel = self.param('kernel', self.kernel_init, (self.in_features, self.features))
+        y = jnp.einsum(spec, x.astype(self.dtype), kernel.reshape(kernel_shape).astype(self.dtype))
+        if self.use_bias:  # the output's last axis is `features`
+            y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        return y
 
 
 class SelfAttention(nn.Module):
@@ -95,17 +118,19 @@ class SelfAttention(nn.Module):
         B, N, C = x.shape
         H = self.num_heads
         hd = C // H
-        w = nn.Dense(3 * C, use_bias=False, dtype=self.dtype, kernel_init=trunc_normal(self.init_std),
-                     name='mat_qkv')(x)
-        q_bias = self.param('q_bias', nn.initializers.zeros, (C,))
-        v_bias = self.param('v_bias', nn.initializers.zeros, (C,))
-        w = w + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(w.dtype)
-        q, k, v = jnp.split(w.reshape(B, N, 3, H, hd), 3, axis=2)
-        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+        pad = 0 if past_kv is not None else attn_lib.padding(N, self.attention, self.dtype)
+        if pad:  # appended as one more block: no real query sees it
+            x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+            sizes = tuple(sizes) + (pad,)
+        q, k, v = ReshapedDense(C, 3 * C, trunc_normal(self.init_std), False, self.dtype, name='mat_qkv')(
+            x, 'bnc,cthd->tbhnd', (C, 3, H, hd))
+        head_major = lambda b: b.reshape(H, 1, hd).astype(self.dtype)
+        q = q + head_major(self.param('q_bias', nn.initializers.zeros, (C,)))
+        v = v + head_major(self.param('v_bias', nn.initializers.zeros, (C,)))
         if self.attn_l2_norm:
             scale_mul = self.param('scale_mul', nn.initializers.constant(math.log(4.0)), (H,))
             temp = jnp.exp(jnp.minimum(scale_mul, MAX_LOG_SCALE_MUL))
-            q = (_l2_normalize(q) * temp[:, None].astype(q.dtype))
+            q = (_l2_normalize(q) * temp[:, None, None].astype(q.dtype))
             k = _l2_normalize(k)
             scale = 1.0
         else:
@@ -115,10 +140,10 @@ class SelfAttention(nn.Module):
             out = attn_lib.attend(q, k, v, sizes=sizes, scale=scale, implementation=self.attention)
         else:
             out = attn_lib.attend_cached(q, k, v, *past_kv, scale=scale)
-            new_kv = tuple(t.transpose(0, 2, 1, 3) for t in (k, v))
-        out = nn.Dense(C, dtype=self.dtype, kernel_init=trunc_normal(self.init_std, self.proj_scale),
-                       name='proj')(out.reshape(B, N, C))
-        return out, new_kv
+            new_kv = (k, v)
+        out = ReshapedDense(C, C, trunc_normal(self.init_std, self.proj_scale), True, self.dtype, name='proj')(
+            out, 'bhnd,hdc->bnc', (H, hd, C))
+        return out[:, :N], new_kv
 
 
 class FFN(nn.Module):
