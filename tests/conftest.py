@@ -1,7 +1,32 @@
-"""Shared fixtures: the official golden outputs and the tiny models converted from them."""
-import os
+"""Shared fixtures: the official golden outputs and the tiny models converted from them.
 
-from var_jax import runtime
+Also the session's XLA settings (inherited by the tests' subprocesses):
+* LLVM at -O0: the tests' programs are tiny, so XLA:CPU spends nearly all their time compiling, most of it in
+  LLVM's optimisation of hundreds of small fused kernels; -O0 roughly halves that (the notebook tests did it
+  first). XLA's HLO passes and their fusion, layout and buffer decisions are untouched, and without fast-math
+  no floating-point rewrites are allowed at any level.
+* one persistent compilation cache per session (a fresh temporary directory, deleted at the end): a program
+  that several tests compile again (each with its own jit of the same function) is loaded, not recompiled.
+
+And the background lane (`background_jobs`): the slow subprocess runs of the selected modules (end-to-end
+runs, multi-device workers) start with the session and run while the tests before them run here.
+"""
+import concurrent.futures
+import os
+import shutil
+import tempfile
+
+if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_backend_optimization_level=0').strip()
+_SESSION_CACHE = None
+if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):  # before anything imports jax, which reads it then
+    _SESSION_CACHE = os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='var_jax_test_xla_cache_')
+
+# The environment of the background jobs' subprocesses, taken now: tests that set variables with monkeypatch
+# (even JAX_PLATFORMS) while a job starts a subprocess in its thread must not leak them into it.
+ENVIRON = dict(os.environ)
+
+from var_jax import runtime  # noqa: E402
 
 runtime.keep_freed_memory_on_cpu()  # before JAX starts: faster CPU steps (see its docstring)
 
@@ -9,11 +34,60 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+if _SESSION_CACHE and not jax.config.jax_compilation_cache_dir:  # jax was imported before this file
+    jax.config.update('jax_compilation_cache_dir', _SESSION_CACHE)
 # Parity with the official float32 outputs needs full-precision matmuls on every backend.
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 GOLDEN_PATCH_NUMS = (1, 2, 4, 8)
+
+
+BACKGROUND_LANES = 1  # jobs at a time, next to this process's tests (2 CPU cores: one each)
+
+
+def pytest_sessionfinish(session):
+    if _SESSION_CACHE:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
+
+
+class BackgroundJobs:
+    """A first-in first-out lane of slow jobs (functions that start subprocesses and wait for them)."""
+
+    def __init__(self, lanes=BACKGROUND_LANES):
+        self._pool = concurrent.futures.ThreadPoolExecutor(lanes, thread_name_prefix='test_background')
+        self._closers = []
+
+    def submit(self, fn, *args) -> concurrent.futures.Future:
+        return self._pool.submit(fn, *args)
+
+    def on_close(self, fn):
+        """fn() runs at the end of the session, before waiting for the lane (e.g. kills its subprocesses)."""
+        self._closers.append(fn)
+
+    def close(self):
+        for fn in self._closers:
+            fn()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def background_jobs(request, tmp_path_factory):
+    """Before the first test, calls `start_background(jobs, items, tmp_path_factory, config)` of every selected
+    module that defines it (items: its selected tests), in the order of the tests: the jobs the earlier modules
+    need run first. A module's tests then wait for the futures of its jobs."""
+    jobs = BackgroundJobs()
+    modules = {}
+    for item in request.session.items:
+        if getattr(item, 'module', None) is not None:
+            modules.setdefault(item.module, []).append(item)
+    try:
+        for module, items in modules.items():
+            if hasattr(module, 'start_background'):
+                module.start_background(jobs, items, tmp_path_factory, request.config)
+        yield jobs
+    finally:
+        jobs.close()
 
 
 @pytest.fixture(scope='session')

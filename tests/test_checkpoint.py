@@ -119,17 +119,32 @@ def _worker_main(write_dir, read_dir):
 # ----------------------------------------------------------------------------
 
 
+_CROSS_DEVICE = {}  # "future": the worker's run, a background job of the session (start_background)
+
+
+def start_background(jobs, items, tmp_path_factory, config):
+    """tests/conftest.py (background_jobs) calls this before the session's first test: the worker runs on the
+    session's background lane while the tests before this module run."""
+    if any("cross_device" in item.fixturenames for item in items):
+        _CROSS_DEVICE["future"] = jobs.submit(_run_cross_device, tmp_path_factory.mktemp("xdev"))
+
+
 @pytest.fixture(scope="module")
-def cross_device(tmp_path_factory):
+def cross_device():
     """Runs the 4-device worker once; returns (its JSON, dir it wrote)."""
+    assert "future" in _CROSS_DEVICE, "tests/conftest.py (background_jobs) starts the worker"
+    return _CROSS_DEVICE["future"].result()
+
+
+def _run_cross_device(base):
+    from conftest import ENVIRON  # (not at the top: this file is also the worker script)
     from var_jax.checkpoint import Checkpointer
 
-    base = tmp_path_factory.mktemp("xdev")
     write_dir, read_dir = str(base / "from_4_devices"), str(base / "from_1_device")
     with Checkpointer(read_dir, max_to_keep=2, save_every=1) as ckpt:
         assert ckpt.save(5, make_state(seed=2))
 
-    env = dict(os.environ)
+    env = dict(ENVIRON)  # the session's, not what a test running meanwhile set
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")

@@ -42,7 +42,8 @@ def test_hinge_and_generator_losses():
 
 @pytest.fixture(scope='module')
 def setup():
-    vqvae = VQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4),
+    # The VQVAE and init of tests/test_tokenizer.py: that module loads this init from the compilation cache.
+    vqvae = VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4),
                   using_sa=False, using_mid_sa=False)
     disc = PatchDiscriminator(ndf=8, n_layers=1)
     image = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3), minval=-1, maxval=1)
@@ -53,15 +54,23 @@ def setup():
     return vqvae, disc, tx, dtx, state, {'image': image}
 
 
+DISC_START = 1
+
+
 @pytest.fixture(scope='module')
-def started(setup):
-    return _gan_step(setup, disc_start=0)
+def gan_step(setup):
+    """The GAN step with disc_start 1, compiled once: from state step 0 it is the step before the
+    discriminator starts, from state step 1 the first one after (both sides of the boundary)."""
+    vqvae, disc, tx, dtx, _, _ = setup
+    return jax.jit(tokenizer.make_step(vqvae, tx, L1, L2, disc=disc, disc_tx=dtx, disc_weight=0.5,
+                                       disc_start=DISC_START))
 
 
-def _gan_step(setup, disc_start, weight=0.5):
-    vqvae, disc, tx, dtx, state, batch = setup
-    step = tokenizer.make_step(vqvae, tx, L1, L2, disc=disc, disc_tx=dtx, disc_weight=weight, disc_start=disc_start)
-    return jax.jit(step)(state, batch)
+@pytest.fixture(scope='module')
+def started(setup, gan_step):
+    """The GAN step at state step disc_start (the params are the initial ones)."""
+    _, _, _, _, state, batch = setup
+    return gan_step(dict(state, step=state['step'] + DISC_START), batch)
 
 
 @pytest.fixture(scope='module')
@@ -122,9 +131,10 @@ def test_after_disc_start_both_models_train(setup, started):
     assert int(new['disc_opt_state'][0].count) == 1
 
 
-def test_before_disc_start_the_generator_step_is_the_plain_one(setup, plain):
-    _, _, _, _, state, _ = setup
-    new, m = _gan_step(setup, disc_start=5)
+def test_before_disc_start_the_generator_step_is_the_plain_one(setup, plain, gan_step):
+    _, _, _, _, state, batch = setup
+    assert int(state['step']) == DISC_START - 1
+    new, m = gan_step(state, batch)
     ref, ref_m = plain
     assert float(m['disc_weight_adaptive']) == 0.0
     np.testing.assert_allclose(m['loss'], ref_m['loss'], rtol=1e-6)

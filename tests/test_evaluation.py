@@ -2,7 +2,8 @@
 
 * `main.py --mode=eval` end to end in subprocesses on 2 simulated CPU devices: run A uninterrupted; run B paused
   after its 2nd of 4 sample shards, SIGKILLed, then the same command again, which resumes from the shards on
-  disk. A and B must agree exactly (metrics, samples), B's first shards must be untouched.
+  disk. A and B must agree exactly (metrics, samples), B's first shards must be untouched. These runs are a job
+  on the session's background lane (tests/conftest.py): they start with the session.
 * Reference statistics from an ADM batch (its own mu/sigma used), an image folder and the synthetic TFDS split
   equal the statistics of the same images' features; the cache is reused, and refused when its settings differ.
 * Bad input: missing Inception weights, wrong-kind / wrong-resolution references, stale caches, shards of
@@ -51,7 +52,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from conftest import GOLDEN_PATCH_NUMS, golden_state_dict  # noqa: E402
+from conftest import DATA, ENVIRON, GOLDEN_PATCH_NUMS, golden_state_dict  # noqa: E402
 from var_jax import evaluation, metrics, reference_stats  # noqa: E402
 from var_jax.models import inception  # noqa: E402
 
@@ -72,12 +73,10 @@ def _random_inception(seed=0):
     return jax.tree_util.tree_map_with_path(leaf, inception.abstract_params())
 
 
-@pytest.fixture(scope='module')
-def files(golden, tmp_path_factory):
-    """The golden tiny models as a converted checkpoint, random Inception weights (.npz) and an ADM reference
-    batch of 10 random 32-px images carrying its own (made-up) statistics."""
+def _make_files(golden, base):
+    """In base: the golden tiny models as a converted checkpoint, random Inception weights (.npz) and an ADM
+    reference batch of 10 random 32-px images carrying its own (made-up) statistics."""
     from var_jax import checkpoint, convert
-    base = tmp_path_factory.mktemp('eval')
     ckpt = str(base / 'tiny_ckpt')
     vae_cfg, vae_params = convert.convert_vae(golden_state_dict(golden, 'vae/'), GOLDEN_PATCH_NUMS)
     var_cfg, var_params = convert.convert_var(golden_state_dict(golden, 'var/'), GOLDEN_PATCH_NUMS)
@@ -91,6 +90,11 @@ def files(golden, tmp_path_factory):
              'sigma_s': np.eye(2023)}
     np.savez(adm, arr_0=rng.integers(0, 256, (10, R, R, 3), dtype=np.uint8), **stats)
     return {'base': base, 'ckpt': ckpt, 'weights': weights, 'params': params, 'adm': adm, 'adm_stats': stats}
+
+
+@pytest.fixture(scope='module')
+def files(golden, tmp_path_factory):
+    return _make_files(golden, tmp_path_factory.mktemp('eval'))
 
 
 @pytest.fixture(scope='module')
@@ -215,7 +219,10 @@ def test_fid_during_training(files):
     from var_jax import api, sharding
     from var_jax.trainers import transformer
     vqvae, vae_params, var, var_params = api.load_pretrained(files['ckpt'])
-    config = _config(files, **{'eval.train_num_images': 6, 'eval.val_batches': 0, 'sample.batch_size': 4})
+    # The ADM file's own mu / sigma are the reference; the cache (written by the first test of this module, or
+    # by the first setup below) spares recomputing the reference images' features, which FID does not use.
+    config = _config(files, **{'eval.train_num_images': 6, 'eval.val_batches': 0, 'sample.batch_size': 4,
+                               'eval.reference_cache': str(files['base'] / 'adm_cache.npz')})
     mesh = sharding.make_mesh(1)
     got = transformer._validation(config, vqvae, var, vae_params, mesh)(var_params, 0)
     assert set(got) == {'fid'} and np.isfinite(got['fid'])
@@ -266,9 +273,9 @@ def test_bad_input_fails_before_sampling(files, tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- end to end, killed and resumed
 def _env(cache_dir):
-    return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
-                XLA_FLAGS=(os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2').strip(),
-                PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
+    return dict(ENVIRON, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
+                XLA_FLAGS=(ENVIRON.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2').strip(),
+                PYTHONPATH=REPO + os.pathsep + ENVIRON.get('PYTHONPATH', ''),
                 JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
 
 
@@ -280,27 +287,56 @@ def _flags(files, workdir):
         f'--config.{k}={v}' for k, v in c.items()]
 
 
-def _run(args, log, env, timeout=900):
+def _run(args, log, env, procs, timeout=900):
     with open(log, 'w') as f:
-        p = subprocess.run([sys.executable] + args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT,
-                           timeout=timeout)
+        p = subprocess.Popen([sys.executable] + args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    procs.append(p)
+    try:
+        p.wait(timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
     assert p.returncode == 0, open(log).read()[-5000:]
+    return p
+
+
+_E2E = {}  # 'future': the end-to-end runs, a background job of the session (start_background)
+
+
+def start_background(jobs, items, tmp_path_factory, config):
+    """conftest's background_jobs calls this before the session's first test: the end-to-end runs (with files of
+    their own) go on its background lane, so they run while the tests before them run."""
+    if not any(item.name == 'test_eval_end_to_end_killed_and_resumed' for item in items):
+        return
+    try:
+        cache_dir = str(config.cache.mkdir('var_jax_test_eval_jax_cache'))
+    except AttributeError:  # -p no:cacheprovider
+        cache_dir = str(tmp_path_factory.mktemp('eval_jax_cache'))
+    procs = []
+    jobs.on_close(lambda: [p.kill() for p in procs if p.poll() is None])
+    _E2E['future'] = jobs.submit(_end_to_end, tmp_path_factory.mktemp('eval_e2e'), cache_dir, procs)
 
 
 @pytest.mark.slow
-def test_eval_end_to_end_killed_and_resumed(files, tmp_path, request):
-    try:
-        cache_dir = str(request.config.cache.mkdir('var_jax_test_eval_jax_cache'))
-    except AttributeError:
-        cache_dir = str(tmp_path / 'jax_cache')
+def test_eval_end_to_end_killed_and_resumed():
+    """main.py --mode=eval, run A uninterrupted; run B SIGKILLed after its 2nd of 4 sample shards, then run again:
+    A and B agree exactly (metrics, samples) and B's first shards are untouched (see _end_to_end)."""
+    assert 'future' in _E2E, 'tests/conftest.py (background_jobs) starts the runs'
+    _E2E['future'].result()
+
+
+def _end_to_end(tmp_path, cache_dir, procs):
+    """The runs of test_eval_end_to_end_killed_and_resumed and its checks (a background job)."""
+    files = _make_files(dict(np.load(os.path.join(DATA, 'tiny_public.npz'))), tmp_path)
     env = _env(cache_dir)
     work_a, work_b = str(tmp_path / 'A'), str(tmp_path / 'B')
-    _run(['main.py'] + _flags(files, work_a), str(tmp_path / 'A.log'), env)
+    _run(['main.py'] + _flags(files, work_a), str(tmp_path / 'A.log'), env, procs)
 
     log_b1 = str(tmp_path / 'B1.log')
     with open(log_b1, 'w') as f:
         b1 = subprocess.Popen([sys.executable, __file__, 'paused', '2'] + _flags(files, work_b), cwd=REPO, env=env,
                               stdout=f, stderr=subprocess.STDOUT)
+    procs.append(b1)
     try:
         deadline = time.time() + 900
         while 'PAUSED after shard 2' not in open(log_b1).read():
@@ -316,7 +352,7 @@ def test_eval_end_to_end_killed_and_resumed(files, tmp_path, request):
         ['shard_000000.npz', 'shard_000001.npz']
     assert not os.path.exists(os.path.join(work_b, 'eval', 'results.json'))
     before = {f: os.stat(os.path.join(shard_dir, f)).st_mtime_ns for f in os.listdir(shard_dir)}
-    _run(['main.py'] + _flags(files, work_b), str(tmp_path / 'B2.log'), env)
+    _run(['main.py'] + _flags(files, work_b), str(tmp_path / 'B2.log'), env, procs)
     assert 'already sampled' in open(str(tmp_path / 'B2.log')).read()
     for f, t in before.items():  # resumed, not resampled
         assert os.stat(os.path.join(shard_dir, f)).st_mtime_ns == t

@@ -210,32 +210,40 @@ def _state(setup, gan):
     return {k: v for k, v in setup[4].items() if gan or not k.startswith('disc_')}
 
 
-@pytest.mark.parametrize('gan', [False, True], ids=['plain', 'gan'])
-def test_step_adds_the_weighted_perceptual_term(setup, params, distance, gan):
-    vqvae, disc, tx, _, _, batch = setup
-    state, kw = _state(setup, gan), _step_kw(setup, gan)
-    on = tokenizer.make_step(vqvae, tx, L1, L2, **kw, perceptual=lpips.LPIPS(), perceptual_weight=WEIGHT)
-    _, m = jax.jit(on)(state, params, batch)
-    # The reference, written out here: l1 * L1 + l2 * L2 + weight * mean LPIPS (VQGAN's nll) + the VQ loss.
+@pytest.fixture(scope='module')
+def reference(setup, params):
+    """The terms of both steps, written out here and jitted once: l1 * L1 + l2 * L2 + weight * mean LPIPS
+    (VQGAN's nll), the VQ loss, the generator's adversarial loss g, the reconstruction, and the norms of the
+    gradients of nll and g w.r.t. the decoder's last layer."""
+    vqvae, disc, _, _, state, batch = setup
     x = batch['image']
     rec_of = lambda p: vqvae.apply({'params': p}, x)[0]
     nll = lambda p: (L1 * jnp.mean(jnp.abs(rec_of(p) - x)) + L2 * jnp.mean(jnp.square(rec_of(p) - x))
                      + WEIGHT * jnp.mean(lpips.LPIPS().apply({'params': params}, rec_of(p), x)))
     vq = lambda p: vqvae.apply({'params': p}, x)[1]
-    rec = jax.jit(rec_of)(state['params'])
-    np.testing.assert_allclose(m['perceptual'], jnp.mean(distance(params, rec, x)), rtol=1e-6)
-    assert m['perceptual'] > 0
-    if not gan:
-        np.testing.assert_allclose(m['loss'], jax.jit(lambda p: nll(p) + vq(p))(state['params']), rtol=1e-5)
-        return
-    # VQGAN: the perceptual term is part of the nll whose decoder-gradient norm the adaptive weight balances.
     g = lambda p: -jnp.mean(disc.apply({'params': state['disc_params']}, rec_of(p)))
     last = lambda grads: jnp.linalg.norm(grads['decoder']['conv_out']['kernel'])
-    gn, gg, nll_v, g_v, vq_v = jax.jit(lambda p: (last(jax.grad(nll)(p)), last(jax.grad(g)(p)), nll(p), g(p),
-                                                  vq(p)))(state['params'])
-    w = 0.5 * gn / (gg + 1e-4)
+    terms = jax.jit(lambda p: dict(rec=rec_of(p), nll=nll(p), vq=vq(p), g=g(p), gn=last(jax.grad(nll)(p)),
+                                   gg=last(jax.grad(g)(p))))
+    return terms(state['params'])
+
+
+@pytest.mark.parametrize('gan', [False, True], ids=['plain', 'gan'])
+def test_step_adds_the_weighted_perceptual_term(setup, params, distance, reference, gan):
+    vqvae, disc, tx, _, _, batch = setup
+    state, kw = _state(setup, gan), _step_kw(setup, gan)
+    on = tokenizer.make_step(vqvae, tx, L1, L2, **kw, perceptual=lpips.LPIPS(), perceptual_weight=WEIGHT)
+    _, m = jax.jit(on)(state, params, batch)
+    r = reference
+    np.testing.assert_allclose(m['perceptual'], jnp.mean(distance(params, r['rec'], batch['image'])), rtol=1e-6)
+    assert m['perceptual'] > 0
+    if not gan:
+        np.testing.assert_allclose(m['loss'], r['nll'] + r['vq'], rtol=1e-5)
+        return
+    # VQGAN: the perceptual term is part of the nll whose decoder-gradient norm the adaptive weight balances.
+    w = 0.5 * r['gn'] / (r['gg'] + 1e-4)
     np.testing.assert_allclose(m['disc_weight_adaptive'], w, rtol=1e-4)
-    np.testing.assert_allclose(m['loss'], nll_v + w * g_v + vq_v, rtol=1e-5)
+    np.testing.assert_allclose(m['loss'], r['nll'] + w * r['g'] + r['vq'], rtol=1e-5)
 
 
 @pytest.mark.parametrize('gan', [False, True], ids=['plain', 'gan'])

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -71,18 +72,34 @@ def test_bad_data_and_stage_settings(tmp_path):
 
 
 def _main(*flags):
-    return subprocess.run([sys.executable, 'main.py', *flags], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+    """main.py started in the background (the three runs of the test overlap): (Popen, its output files)."""
+    out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')
+    return subprocess.Popen([sys.executable, 'main.py', *flags], cwd=REPO, stdout=out, stderr=err, text=True,
+                            env=dict(os.environ, JAX_PLATFORMS='cpu')), out, err
+
+
+def _finish(started):
+    proc, out, err = started
+    try:
+        proc.wait(300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    out.seek(0)
+    err.seek(0)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read())
 
 
 def test_command_line_mistakes_are_one_line_with_exit_code_2(tmp_path):
-    typo = _main('--config=configs/var_small.py', '--config.transformer.totl_steps=5', f'--workdir={tmp_path}/w')
-    missing = _main('--config=configs/nope.py')
-    bad = _main('--config=configs/var_small.py', '--config.sample.top_p=1.5', f'--workdir={tmp_path}/w2')
+    started = [_main('--config=configs/var_small.py', '--config.transformer.totl_steps=5', f'--workdir={tmp_path}/w'),
+               _main('--config=configs/nope.py'),
+               _main('--config=configs/var_small.py', '--config.sample.top_p=1.5', f'--workdir={tmp_path}/w2')]
+    typo, missing, bad = [_finish(s) for s in started]
     for proc in (typo, missing, bad):
         assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
     assert typo.stderr.strip().splitlines() == [
         'error: a --config.<field> flag is wrong: no field "totl_steps"; did you mean "total_steps"? '
         '(configs/common.py lists every field)']
+    assert not os.path.exists(f'{tmp_path}/w')  # nothing written
     assert len(missing.stderr.strip().splitlines()) == 1 and 'configs/nope.py: no such file' in missing.stderr
     assert 'top_p' in bad.stderr and not os.path.exists(f'{tmp_path}/w2/tokenizer')  # nothing trained

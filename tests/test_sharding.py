@@ -195,9 +195,26 @@ def _worker_main():
 # ----------------------------------------------------------------------------
 
 
+_WORKER = {}  # "future": the worker's run, a background job of the session (start_background)
+
+
+def start_background(jobs, items, tmp_path_factory, config):
+    """tests/conftest.py (background_jobs) calls this before the session's first test: the worker runs on the
+    session's background lane while the tests before this module run."""
+    if any("worker" in item.fixturenames for item in items):
+        _WORKER["future"] = jobs.submit(_run_worker)
+
+
 @pytest.fixture(scope="module")
 def worker():
-    env = dict(os.environ)
+    assert "future" in _WORKER, "tests/conftest.py (background_jobs) starts the worker"
+    return _WORKER["future"].result()
+
+
+def _run_worker():
+    from conftest import ENVIRON  # (not at the top: this file is also the worker script)
+
+    env = dict(ENVIRON)  # the session's, not what a test running meanwhile set
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={N_DEVICES}").strip()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")

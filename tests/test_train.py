@@ -1,17 +1,21 @@
 """Tests for var_jax.optim and var_jax.trainers: the official recipe (VAR_SPEC 4), the steps, the loop, resume, errors.
 
-The expensive parts run as subprocesses in the background while the cheap in-process tests run:
+The expensive parts run as subprocesses on the session's background lane (tests/conftest.py), from the
+start of the session, while the tests of the other modules and the cheap in-process tests here run:
 
 * tests/train_worker.py `sharded` (4 simulated CPU devices): transformer.make_step on 1 device, 4-way data
-  parallel and FSDP 2 / 4, the non-finite guard, and a 4-device checkpoint for a 1-device restore.
+  parallel and FSDP 2 / 4, the non-finite guard, a progressive stage's truncated step against the masked
+  full one, and a 4-device checkpoint for a 1-device restore.
 * the kill-and-resume chains: `main.py` run A to the end; run B in another workdir paused right
-  after a checkpoint, SIGKILLed, then the same main.py command again to completion. Two variants
-  (RESUME_RUNS), one after the other: both stages killed in the transformer stage, and a
-  tokenizer-only run with the discriminator on, killed in the tokenizer stage.
+  after a checkpoint, SIGKILLed (or SIGTERMed), then the same main.py command again to completion.
+  Three variants (RESUME_RUNS): both stages killed in the transformer stage; a tokenizer-only run with
+  the discriminator on, killed in the tokenizer stage; the same tokenizer run preempted by SIGTERM there.
+  One run A per config.
 
 Only the jobs that the selected tests need are started. The subprocesses share a persistent JAX
 compilation cache (in pytest's cache dir), so run B reuses run A's executables: the comparison of
-A and B then isolates what resume restores (state, data position, rng) from compilation.
+A and B then isolates what resume restores (state, data position, rng) from compilation. The Ctrl-C
+test's main.py (the tokenizer of run A, interrupted) runs after run A and loads its executables too.
 """
 import json
 import math
@@ -31,9 +35,8 @@ import pytest
 from flax import traverse_util
 
 import train_worker
-from conftest import golden_state_dict
+from conftest import ENVIRON, golden_state_dict
 from var_jax import optim, trainers
-from var_jax.models.var import begin_ends
 from var_jax.trainers import loop, transformer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,14 +57,15 @@ PAUSE_AT = 6  # run B is killed after step 6 of a stage: checkpoint 4 is on disk
 # Kill-and-resume variants: the stage whose step PAUSE_AT the kill lands after, config overrides on TINY.
 # (Their names are in the workdir paths, which error messages quote: no config field names.)
 # The signal is SIGKILL (steps after checkpoint 4 are lost) or SIGTERM (a preemption notice: the run saves
-# after the step that is running and exits with code 75).
+# after the step that is running and exits with code 75). Variants with the same overrides share run A.
+# The discriminator trains from step 3 (disc_start 2), so its params and Adam state at the checkpoint
+# a resume starts from (4, or 7 after SIGTERM) are not the initial ones.
+GAN_TOKENIZER = {'stages': 'tokenizer', 'tokenizer.disc_weight': 0.5, 'tokenizer.disc_start': 2,
+                 'tokenizer.disc_layers': 1, 'tokenizer.disc_ndf': 8}
 RESUME_RUNS = {
     'full_run': ('transformer', {}, signal.SIGKILL),   # both stages
-    # The discriminator trains from step 3 (disc_start 2), so its params and Adam state at the
-    # checkpoint the resume starts from (4) are not the initial ones.
-    'gan_tokenizer': ('tokenizer', {'stages': 'tokenizer', 'tokenizer.disc_weight': 0.5, 'tokenizer.disc_start': 2,
-                                    'tokenizer.disc_layers': 1, 'tokenizer.disc_ndf': 8}, signal.SIGKILL),
-    'preempted_tokenizer': ('tokenizer', {'stages': 'tokenizer'}, signal.SIGTERM),
+    'gan_tokenizer': ('tokenizer', GAN_TOKENIZER, signal.SIGKILL),
+    'preempted_tokenizer': ('tokenizer', GAN_TOKENIZER, signal.SIGTERM),
 }
 EXIT_PREEMPTED = 75  # main.py's exit code for a clean, resumable stop on SIGTERM
 
@@ -90,8 +94,8 @@ def small_config(data_dir, **extra):
 
 
 def _env(cache_dir, devices=None):
-    env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
-               PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
+    env = dict(ENVIRON, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
+               PYTHONPATH=REPO + os.pathsep + ENVIRON.get('PYTHONPATH', ''),
                JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                JAX_COMPILATION_CACHE_MAX_SIZE=str(2 ** 28))
     if devices:
@@ -138,7 +142,7 @@ class _Background:
 
     def __init__(self, base, cache_dir):
         self.base, self.cache_dir = base, cache_dir
-        self.procs, self.sharded_proc, self.chain, self.runs = [], None, None, {}
+        self.procs, self.sharded_future, self.runs = [], None, {}
         self.lock, self.closing = threading.Lock(), False
 
     def _start(self, args, log, env):
@@ -148,30 +152,36 @@ class _Background:
             self.procs.append(proc)
             return proc
 
-    def start_sharded(self):
+    def run_sharded(self):
+        """The `sharded` worker (a background job): (its result.json, its output directory)."""
         out = os.path.join(self.base, 'sharded')
         os.makedirs(out)
-        self.sharded_proc = self._start([sys.executable, os.path.join(REPO, 'tests', 'train_worker.py'), 'sharded',
-                                         out], 'sharded.log', _env(self.cache_dir, devices=4))
-
-    def sharded(self):
-        self.sharded_proc.check()
-        out = os.path.join(self.base, 'sharded')
+        self._start([sys.executable, os.path.join(REPO, 'tests', 'train_worker.py'), 'sharded', out], 'sharded.log',
+                    _env(self.cache_dir, devices=4)).check()
         with open(os.path.join(out, 'result.json')) as f:
             return json.load(f), out
 
     # -- kill and resume -------------------------------------------------------------------------
-    def start_resume_chain(self, variants):
-        """variants: {RESUME_RUNS name: also run B}; run one after another in one thread (the first
-        run A also generates the synthetic dataset the others read)."""
+    def start_resume_chain(self, variants, jobs):
+        """variants: {RESUME_RUNS name: also run B}. The variants of one config run one after another in
+        one background job (its first run A serves them all); the configs' jobs run in lane order, all but
+        the first once the first run A has generated the synthetic dataset they all read."""
         self.data_dir = os.path.join(self.base, 'data')
-        self.runs = {v: _ResumeRuns(self.base, v) for v in RESUME_RUNS if v in variants}
+        self.data_ready = threading.Event()
+        self.runs, groups = {}, {}
+        for v in RESUME_RUNS:
+            if v in variants:
+                group = groups.setdefault(json.dumps(RESUME_RUNS[v][1], sort_keys=True), [])
+                self.runs[v] = _ResumeRuns(self.base, v, a_owner=self.runs[group[0]] if group else None)
+                group.append(v)
 
-        def chains():
-            for v, runs in self.runs.items():
-                self._chain(runs, with_b=variants[v])
-        self.chain = threading.Thread(target=chains, daemon=True)
-        self.chain.start()
+        def chain(names, makes_data):
+            if not makes_data:
+                self.data_ready.wait(TIMEOUT_S)
+            for v in names:
+                self._chain(self.runs[v], with_b=variants[v], makes_data=makes_data)
+        for i, names in enumerate(groups.values()):
+            jobs.submit(chain, names, i == 0)
 
     def _main(self, runs, name, *, paused=False):
         """Run `name` (A, B1 or B2) of `runs` in its workdir (A or B)."""
@@ -180,9 +190,17 @@ class _Background:
                 else [os.path.join(REPO, 'main.py')])
         return self._start([sys.executable] + args + flags, runs.log(name), _env(self.cache_dir))
 
-    def _chain(self, runs, with_b):
+    def _chain(self, runs, with_b, makes_data):
         try:
-            self._main(runs, 'A').check()
+            if runs.a_owner is None:
+                a = self._main(runs, 'A')
+                while makes_data and a.p.poll() is None and 'step 0/' not in _tail(a.log, 10 ** 7):
+                    time.sleep(0.2)  # fit prints its first step once the data is there
+                self.data_ready.set()
+                a.check()
+            else:  # run A of the same config, earlier in this chain
+                assert runs.a_owner.a_done.is_set() and runs.a_owner.a_error is None, (
+                    f'run A of {runs.a_owner.variant} failed: {runs.a_owner.a_error}')
             runs.a_done.set()
             if not with_b:
                 return
@@ -202,7 +220,10 @@ class _Background:
             self._main(runs, 'B2').check()
         except BaseException as e:  # reported by the tests that wait on the chain
             runs.error = e
+            if not runs.a_done.is_set():
+                runs.a_error = e
         finally:
+            self.data_ready.set()
             runs.a_done.set()
             runs.b_done.set()
 
@@ -217,39 +238,29 @@ class _Background:
             self.closing = True
         for proc in self.procs:
             proc.kill()
-        if self.chain is not None:
-            self.chain.join(60)
 
 
 class _ResumeRuns:
     """One RESUME_RUNS variant: workdirs A and B (B1 killed, B2 resumed), logs, completion events."""
 
-    def __init__(self, base, variant):
-        self.variant, self.base = variant, base
+    def __init__(self, base, variant, a_owner=None):
+        self.variant, self.base, self.a_owner = variant, base, a_owner
         self.stage, self.overrides, self.signal = RESUME_RUNS[variant]
         self.stages = self.overrides.get('stages', 'tokenizer,transformer').split(',')  # var_small's default
         self.workdirs = {name: os.path.join(base, f'{variant}_{name}') for name in ('A', 'B')}
+        if a_owner is not None:  # the same config: one run A
+            self.workdirs['A'] = a_owner.workdirs['A']
         self.a_done, self.b_done = threading.Event(), threading.Event()
-        self.error = self.b1_returncode = None
+        self.error = self.a_error = self.b1_returncode = None
 
     def log(self, run):
         return f'{self.variant}_{run}.log'
 
 
-def _selected(request):
-    """The selected tests of this module."""
-    return [item for item in request.session.items if getattr(item, 'module', None) is request.module]
-
-
-def _needs(request):
-    """Fixture names used by the selected tests of this module."""
-    return {name for item in _selected(request) for name in item.fixturenames}
-
-
-def _resume_variants(request):
+def _resume_variants(items):
     """{RESUME_RUNS variant: whether its run B is needed} for the selected tests."""
     wanted = {}
-    for item in _selected(request):
+    for item in items:
         if 'resumed_runs' in item.fixturenames:
             wanted[item.callspec.params['resumed_runs']] = True
         elif 'finished_run' in item.fixturenames:
@@ -257,30 +268,35 @@ def _resume_variants(request):
     return wanted
 
 
-@pytest.fixture(scope='module')
-def background(request, tmp_path_factory):
+_STARTED = {}  # 'background': the module's _Background, made by start_background
+
+
+def start_background(jobs, items, tmp_path_factory, config):
+    """conftest's background_jobs calls this before the first test of the session: the subprocesses the
+    selected tests need (items) run on its background lane while the other modules' tests run."""
     try:
-        cache_dir = str(request.config.cache.mkdir('var_jax_test_train_jax_cache'))
+        cache_dir = str(config.cache.mkdir('var_jax_test_train_jax_cache'))
     except AttributeError:  # -p no:cacheprovider
         cache_dir = str(tmp_path_factory.mktemp('jax_cache'))
-    jobs = _Background(str(tmp_path_factory.mktemp('train')), cache_dir)
-    needs = _needs(request)
+    background = _STARTED['background'] = _Background(str(tmp_path_factory.mktemp('train')), cache_dir)
+    jobs.on_close(background.close)
+    needs = {name for item in items for name in item.fixturenames}
     if 'sharded' in needs:
-        jobs.start_sharded()
+        background.sharded_future = jobs.submit(background.run_sharded)
     if needs & {'finished_run', 'resumed_runs'}:
-        jobs.start_resume_chain(_resume_variants(request))
-    yield jobs
-    jobs.close()
+        background.start_resume_chain(_resume_variants(items), jobs)
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _start_background_early(background):
-    """Starts the subprocesses before the first test, so they overlap the in-process tests."""
+@pytest.fixture(scope='module')
+def background():
+    assert 'background' in _STARTED, 'tests/conftest.py (background_jobs) starts the subprocesses'
+    yield _STARTED['background']
+    _STARTED.pop('background').close()  # whatever still runs
 
 
 @pytest.fixture(scope='module')
 def sharded(background):
-    return background.sharded()
+    return background.sharded_future.result()
 
 
 @pytest.fixture(scope='module')
@@ -611,26 +627,6 @@ def test_pgwp_defaults_to_the_official_ep_over_300():
     assert transformer.pgwp_steps(cfg) == 7
 
 
-def test_truncated_progressive_step_equals_the_masked_full_step():
-    """A progressive stage runs on the sequence cut at its last scale (the compute saving); its loss and
-    update equal the full-length step with the later tokens weighted 0 (block-causal attention)."""
-    import train_worker
-    vqvae, var, tx, vae_params, var_params, batch, _ = train_worker.build()
-    state = loop.new_state(var_params, tx, 0)
-    step = jax.jit(transformer.make_step(vqvae, var, tx, label_smoothing=0.1))
-    be = [e for _, e in begin_ends(var.patch_nums)]
-    for end in be[1:-1]:
-        w = np.full(be[-1], 1 / be[-1], np.float32)
-        w[end:] = 0
-        w[end - 2:end] *= 0.3  # a ramped newest scale
-        cut, m_cut = step(state, vae_params, batch, w[:end])
-        full, m_full = step(state, vae_params, batch, w)
-        np.testing.assert_allclose(m_cut['loss'], m_full['loss'], rtol=1e-5)
-        np.testing.assert_allclose(m_cut['grad_norm'], m_full['grad_norm'], rtol=1e-4)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), cut['params'], full['params'])
-        assert np.isnan(m_cut['Lt']) and np.isfinite(m_full['Lt'])  # the finest scale is not trained yet
-
-
 # =============================================================================================
 # 6. Non-finite handling in fit (the step-level checks run in the sharded worker, see below)
 # =============================================================================================
@@ -695,37 +691,6 @@ def test_init_from_missing_directory(tmp_path, stages):
         trainers.run(config, str(tmp_path / 'work'))
 
 
-def test_mistyped_override_fails():
-    proc = subprocess.run([sys.executable, 'main.py', '--config=configs/var_small.py',
-                           '--config.transformer.totl_steps=3', '--workdir=/nonexistent/never_written'],
-                          cwd=REPO, env=dict(os.environ, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode != 0
-    out = proc.stdout + proc.stderr
-    assert 'totl_steps' in out and 'total_steps' in out, out[-3000:]  # named, with the right spelling
-    assert not os.path.exists('/nonexistent/never_written')
-
-
-@pytest.mark.slow
-def test_ctrl_c_while_a_checkpoint_is_written_exits_cleanly(tmp_path):
-    """Ctrl-C during an asynchronous save: one message, exit code 130, no traceback; what is on disk restores."""
-    from var_jax.checkpoint import Checkpointer
-    work = str(tmp_path / 'work')
-    flags = main_flags(work, str(tmp_path / 'data'), stages='tokenizer')
-    proc = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'train_worker.py'), 'main_interrupted',
-                           'tokenizer', '8'] + flags, cwd=REPO, env=_env(str(tmp_path / 'cache')),
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 130, out[-3000:]
-    assert 'interrupted:' in proc.stderr and 'run the same command again to resume' in proc.stderr, out[-3000:]
-    assert 'Traceback' not in out, out[-3000:]
-    with Checkpointer(os.path.join(work, 'tokenizer')) as ckpt:  # also discards an unfinished save
-        steps = ckpt.all_steps()
-    assert steps and steps[0] == 4 and steps[-1] <= 8, steps  # step 8's save was in flight
-    state = _restore_raw(os.path.join(work, 'tokenizer', 'checkpoints', str(steps[-1]), 'state'))
-    assert int(state['step']) == steps[-1]
-
-
 def test_incompatible_checkpoint_raises_config_mismatch(finished_run):
     """Run A's workdir holds transformer checkpoints of var.depth=2: resuming it with var.depth=1 must
     be refused with the differing field named, before anything is written. (The transformer stage:
@@ -744,7 +709,6 @@ def test_incompatible_checkpoint_raises_config_mismatch(finished_run):
     assert (open(os.path.join(stage, 'config.json'), 'rb').read(), listing()) == before
 
 
-
 def test_other_stage_settings_do_not_block_resume(finished_run):
     """The tokenizer's checkpoints ignore the transformer's settings: retuning the transformer in a
     workdir with a finished tokenizer finds the tokenizer done (nothing retrained, nothing written)
@@ -759,6 +723,27 @@ def test_other_stage_settings_do_not_block_resume(finished_run):
     assert listing() == before
     with pytest.raises(ConfigMismatchError, match='tokenizer.l1'):
         trainers.run(small_config(data_dir, stages='tokenizer', **{'tokenizer.l1': 0.5}), workdir)
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_checkpoint_is_written_exits_cleanly(tmp_path, background, finished_run):
+    """Ctrl-C during an asynchronous save: one message, exit code 130, no traceback; what is on disk restores.
+    (The tokenizer stage of run A's config, in a workdir of its own: it loads run A's executables and data.)"""
+    from var_jax.checkpoint import Checkpointer
+    work = str(tmp_path / 'work')
+    flags = main_flags(work, finished_run[1], stages='tokenizer')
+    proc = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'train_worker.py'), 'main_interrupted',
+                           'tokenizer', '8'] + flags, cwd=REPO, env=_env(background.cache_dir),
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 130, out[-3000:]
+    assert 'interrupted:' in proc.stderr and 'run the same command again to resume' in proc.stderr, out[-3000:]
+    assert 'Traceback' not in out, out[-3000:]
+    with Checkpointer(os.path.join(work, 'tokenizer')) as ckpt:  # also discards an unfinished save
+        steps = ckpt.all_steps()
+    assert steps and steps[0] == 4 and steps[-1] <= 8, steps  # step 8's save was in flight
+    state = _restore_raw(os.path.join(work, 'tokenizer', 'checkpoints', str(steps[-1]), 'state'))
+    assert int(state['step']) == steps[-1]
 
 
 # =============================================================================================
@@ -839,6 +824,25 @@ def test_logged_lr_is_the_lr_of_the_step(sharded):
             for s in range(len(logged))]
     assert len(logged) == train_worker.NUM_STEPS and want[0] != want[1]
     np.testing.assert_allclose(logged, want, rtol=1e-6)
+
+
+def test_truncated_progressive_step_equals_the_masked_full_step(sharded):
+    """A progressive stage runs on the sequence cut at its last scale (the compute saving); its loss and
+    update equal the full-length step with the later tokens weighted 0 (block-causal attention).
+    (Run in the sharded worker: the full-length step is its 1-device executable.)"""
+    res, out = sharded
+    assert list(res['truncated']) == ['5']  # patch_nums (1, 2, 4): the stage of scales 1 and 2
+    for end, m in res['truncated'].items():
+        cut, full = m['cut'], m['full']
+        np.testing.assert_allclose(cut['loss'], full['loss'], rtol=1e-5)
+        np.testing.assert_allclose(cut['grad_norm'], full['grad_norm'], rtol=1e-4)
+        with np.load(os.path.join(out, f'truncated_{end}.npz')) as f:
+            params = {k: f[k] for k in f.files}
+        keys = [k[len('cut'):] for k in params if k.startswith('cut')]
+        assert len(keys) > 20 and sorted(f'full{k}' for k in keys) == sorted(k for k in params if k.startswith('full'))
+        for k in keys:
+            np.testing.assert_allclose(params['cut' + k], params['full' + k], rtol=1e-4, atol=1e-6, err_msg=k)
+        assert math.isnan(cut['Lt']) and math.isfinite(full['Lt'])  # the finest scale is not trained yet
 
 
 # =============================================================================================

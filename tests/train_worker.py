@@ -6,7 +6,9 @@
 Runs transformer.make_step for two steps on the same tiny VQVAE + VAR, the same initial state and the
 same batch under four meshes (1 device; 4-way data parallel; FSDP 2 and 4 with every param
 split that has a divisible dimension), jitted as loop.fit does. Then, reusing the 1-device
-executable (same shapes, no new compile), checks the non-finite guard. Saves the FSDP-4 final
+executable (same shapes, no new compile), checks the non-finite guard, and runs it with the later
+scales' token weights zeroed against the step compiled for the sequence truncated there (progressive
+training; OUT_DIR/truncated_<end>.npz holds both updated params). Saves the FSDP-4 final
 state with var_jax.checkpoint.Checkpointer in OUT_DIR/ckpt (restored on 1 device by the pytest
 process), every number the tests need in OUT_DIR/result.json and that state in OUT_DIR/arrays.npz.
 
@@ -30,6 +32,7 @@ VAE = dict(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
 VAR = dict(depth=2, embed_dim=64, num_heads=2, num_classes=5, drop_path_rate=0.1, cond_drop_rate=0.1)
 OPTIM = dict(tblr=0.05, warmup_steps=0, wp0=0.005, wpe=0.1, wd=0.05, wd_end=0.05, clip=2.0, beta1=0.9, beta2=0.95)
 BATCH, TOTAL_STEPS, SEED, NUM_STEPS = 8, 10, 0, 2
+LABEL_SMOOTHING = 0.1  # any value: the meshes must agree, and the truncated step must equal the masked one
 MESHES = (('1dev', 1, 1), ('dp4', 4, 1), ('fsdp2', 4, 2), ('fsdp4', 4, 4))  # name, devices, fsdp
 
 
@@ -97,13 +100,15 @@ def sharded_steps(out_dir):
     from var_jax import sharding
     from var_jax.trainers import loop, transformer
     from var_jax.checkpoint import Checkpointer
+    from var_jax.models.var import begin_ends
     vqvae, var, tx, vae_params, var_params, batch, weights = build()
     host_state = jax.device_get(loop.new_state(var_params, tx, SEED))
-    step = transformer.make_step(vqvae, var, tx, label_smoothing=0.0)
+    step = transformer.make_step(vqvae, var, tx, label_smoothing=LABEL_SMOOTHING)
     devices = jax.devices()
 
-    def compile_for(spec):
-        """Jitted as loop.fit does; min_size=1 splits every leaf that has a dimension divisible by fsdp."""
+    def compile_for(spec, n_tokens=len(weights)):
+        """Jitted as loop.fit does; min_size=1 splits every leaf that has a dimension divisible by fsdp.
+        n_tokens < L: the step of a progressive stage, on the sequence truncated there."""
         name, n, fsdp = spec
         mesh = sharding.make_mesh(fsdp, devices[:n])
         shardings = sharding.param_sharding(mesh, host_state, min_size=1)
@@ -112,14 +117,19 @@ def sharded_steps(out_dir):
         jitted = jax.jit(step, in_shardings=(shardings, rep, data_sh, rep), out_shardings=(shardings, rep),
                          donate_argnums=0)
         compiled = jitted.lower(sharding.with_shardings(host_state, shardings), _sds(vae_params, rep),
-                                {k: _sds(v, bsh) for k, v in batch.items()}, _sds(weights, rep)).compile()
-        put = lambda st, b=batch: (jax.device_put(st, shardings), jax.device_put(vae_params, rep),
-                                   sharding.global_batch(b, mesh), jax.device_put(weights, rep))
+                                {k: _sds(v, bsh) for k, v in batch.items()}, _sds(weights[:n_tokens], rep)).compile()
+        put = lambda st, b=batch, w=weights: (jax.device_put(st, shardings), jax.device_put(vae_params, rep),
+                                              sharding.global_batch(b, mesh), jax.device_put(w, rep))
         return compiled, put
 
-    # The four compiles are independent: overlap them (XLA releases the GIL while compiling).
-    with ThreadPoolExecutor(len(MESHES)) as pool:
-        compiled = dict(zip([m[0] for m in MESHES], pool.map(compile_for, MESHES)))
+    # The progressive stages short of the full sequence end at these scale boundaries.
+    cuts = [end for _, end in begin_ends(var.patch_nums)][1:-1]
+    # The compiles are independent: overlap them (XLA releases the GIL while compiling).
+    with ThreadPoolExecutor(len(MESHES) + len(cuts)) as pool:
+        futures = {m[0]: pool.submit(compile_for, m) for m in MESHES}
+        cut_futures = {end: pool.submit(compile_for, MESHES[0], end) for end in cuts}
+        compiled = {name: f.result() for name, f in futures.items()}
+        compiled_cuts = {end: f.result() for end, f in cut_futures.items()}
 
     res = {'n_devices': len(devices), 'meshes': {}}
     finals = {}
@@ -173,6 +183,21 @@ def sharded_steps(out_dir):
     guard['huge_param'], _ = guarded_step(huge)
     guard['nan_images'], _ = guarded_step(host_state, dict(batch, image=np.full_like(batch['image'], np.nan)))
     res['guard'] = guard
+
+    # A progressive stage's step on the truncated sequence vs the full-length 1-device step with the later
+    # tokens weighted 0 and a ramped newest scale.
+    res['truncated'] = {}
+    for end in cuts:
+        w = weights.copy()
+        w[end:] = 0
+        w[end - 2:end] *= 0.3
+        cut_fn, cut_put = compiled_cuts[end]
+        cut, m_cut = cut_fn(*cut_put(host_state, w=w[:end]))
+        full, m_full = fn(*put(host_state, w=w))
+        res['truncated'][end] = {k: {n: float(v) for n, v in jax.device_get(m).items()}
+                                 for k, m in (('cut', m_cut), ('full', m_full))}
+        np.savez(os.path.join(out_dir, f'truncated_{end}.npz'),
+                 **{f'{k}{p}': v for k, st in (('cut', cut), ('full', full)) for p, v in _flat(st['params']).items()})
     with open(os.path.join(out_dir, 'result.json'), 'w') as f:
         json.dump(res, f, indent=1)
 
