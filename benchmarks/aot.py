@@ -15,7 +15,7 @@ sampler's f_hat -> pixels, its own program) on one chip. One table row per progr
 - TFLOP/chip and est. s: XLA's cost analysis ('flops', 'optimal_seconds'). XLA counts the body of a
   while loop once, so for scanned blocks (var.scan) (depth - 1) x one block's cost is added, taken from the
   blocks alone compiled unrolled at depth 2 minus depth 1; and for the sampler's 32-pass top-k / top-p
-  threshold searches 31 x their once-counted cost (the token filters compiled with and without them).
+  threshold searches, the token filters compiled with the passes written out minus the same as loops.
 - img/s = batch / est. s (all chips); MFU = analytic model FLOPs (benchmarks/common.analytic_flops) per
   chip / est. s / the chip's peak bf16 FLOP/s.
 """
@@ -39,6 +39,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from var_jax import sampling, sharding  # noqa: E402
 from var_jax.models import attention  # noqa: E402
+from var_jax.models.var import REMAT_POLICIES  # noqa: E402
 
 common.define_config_flag()
 flags.DEFINE_string('topology', 'v5p:2x2x1', 'TPU topology, e.g. v4:2x2x1, v5e:2x2, v5p:2x2x4, v6e:2x2')
@@ -47,7 +48,7 @@ flags.DEFINE_integer('batch_per_chip', None, 'train batch per chip (default: the
 flags.DEFINE_integer('sample_batch', 64, 'sampler batch (one chip; doubled inside for cfg)')
 flags.DEFINE_integer('fsdp', None, 'chips per FSDP group (default: config.mesh.fsdp, capped at the chips)')
 flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'transformer compute dtype (default: the config\'s)')
-flags.DEFINE_enum('remat', None, ['none', 'dots', 'full'], 'per-block rematerialisation (default: the config\'s)')
+flags.DEFINE_enum('remat', None, list(REMAT_POLICIES), 'per-block rematerialisation (default: the config\'s)')
 flags.DEFINE_enum('attention', None, list(attention.IMPLEMENTATIONS), 'attention kernel (default: the config\'s)')
 flags.DEFINE_bool('scan', None, 'scan over the blocks (default: the config\'s)')
 flags.DEFINE_bool('correct_loops', True, 'correct XLA\'s once-per-loop cost counts (extra small compiles)')
@@ -136,28 +137,30 @@ def corrected_cost(config, name, mesh, device, batch, compiled):
     """XLA's (flops, seconds) of the program with every loop iteration counted (see the docstring).
 
     The scanned blocks: (depth - 1) x the difference between the blocks alone at depth 2 and at depth 1
-    (unrolled), as the program runs them. The sampler's threshold searches: 31 x the difference between
-    the token filters of every scale with and without top-k / top-p (each search loop counted once).
+    (unrolled), as the program runs them. The sampler's threshold searches: the token filters of every
+    scale with all 32 passes of each search written out, minus the same filters with the loops. These parts
+    compile with the program's own XLA options (the sampler's: `sampling.TPU_COMPILER_OPTIONS`).
     """
+    options = sampling._compiler_options('tpu') if name == 'sampler' else None
     f, s = cost(compiled)
     if not s > 0:  # XLA gave no usable estimate (negative for some sharded programs): nothing to correct
         s = float('nan')
     vqvae, var = common.models(config)
     if var.scan is not False and var.depth > 1:  # None scans on TPU
-        (f1, s1), (f2, s2) = (cost(_compile(*_blocks_only(config, name, mesh, device, batch, d), mesh))
+        (f1, s1), (f2, s2) = (cost(_compile(*_blocks_only(config, name, mesh, device, batch, d), mesh, options))
                               for d in (1, 2))
         f, s = f + (var.depth - 1) * (f2 - f1), s + (var.depth - 1) * (s2 - s1)
     sample = config.sample
     if name == 'sampler' and (sample.top_k > 0 or sample.top_p > 0):
-        (f_on, s_on), (f_off, s_off) = (cost(_compile(*_filters(var, device, batch, k, p), mesh))
-                                        for k, p in ((sample.top_k, sample.top_p), (0, 0.0)))
-        f, s = f + 31 * (f_on - f_off), s + 31 * (s_on - s_off)
+        (f_loop, s_loop), (f_all, s_all) = (_filters_cost(var, device, batch, sample, unroll, options)
+                                            for unroll in (1, 32))
+        f, s = f + f_all - f_loop, s + s_all - s_loop
     return f, s
 
 
-def _compile(fn, args, mesh):
+def _compile(fn, args, mesh, options=None):
     with jax.set_mesh(mesh):
-        return fn.lower(*args).compile()
+        return fn.lower(*args).compile(compiler_options=options)
 
 
 def _blocks_only(config, name, mesh, device, batch, depth):
@@ -193,17 +196,22 @@ def _blocks_only(config, name, mesh, device, batch, depth):
     return jax.jit(steps), (params, labels)
 
 
-def _filters(var, device, batch, top_k, top_p):
-    """The sampler's token draw (top-k / top-p filter, categorical) for every scale's logits."""
+def _filters_cost(var, device, batch, sample, unroll, options):
+    """XLA's (flops, seconds) of the sampler's token draw (the config's top-k / top-p filter, categorical) for
+    every scale's logits, with `unroll` passes of each threshold search per loop body."""
     one = jax.sharding.SingleDeviceSharding(device)
     logits = [jax.ShapeDtypeStruct((batch, pn * pn, var.vocab_size), jnp.float32, sharding=one)
               for pn in var.patch_nums]
 
     def draw(logits):
         key = jax.random.PRNGKey(0)
-        return [sampling.sample_logits(key, z, top_k=int(top_k), top_p=jnp.float32(top_p), use_top_p=top_p > 0)[0]
-                for z in logits]
-    return jax.jit(draw), (logits,)
+        return [sampling.sample_logits(key, z, top_k=int(sample.top_k), top_p=jnp.float32(sample.top_p),
+                                       use_top_p=sample.top_p > 0)[0] for z in logits]
+    old, sampling.SEARCH_UNROLL = sampling.SEARCH_UNROLL, unroll  # read when traced (at lower)
+    try:
+        return cost(jax.jit(draw).lower(logits).compile(compiler_options=options))
+    finally:
+        sampling.SEARCH_UNROLL = old
 
 
 def main(_):

@@ -69,7 +69,8 @@ def base_config():
         dtype='float32',             # compute dtype of the transformer blocks ('bfloat16' on GPU/TPU)
         # How the blocks run (same params, same math): one scan over the blocks (True; False: unrolled; None:
         # scan on TPU/GPU, unrolled on CPU), what the backward pass recomputes ('none', 'dots': keep matmul
-        # outputs, 'full') and the attention kernel ('auto': splash on TPU, cuDNN on GPU for bf16, else XLA).
+        # outputs, 'dots_except_fc1': and recompute the MLP hidden, 'full') and the attention kernel ('auto':
+        # splash on TPU, cuDNN on GPU for bf16, else XLA).
         scan=config_dict.placeholder(bool), remat='none', attention='auto'))
 
     c.tokenizer = ml_collections.ConfigDict(dict(

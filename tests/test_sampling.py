@@ -55,11 +55,13 @@ def forward(tiny):
 # ------------------------------------------------------------------------------------------------
 # Golden parity
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('g', [1, 3])
-def test_greedy_sampling_matches_official(tiny, g):
+@pytest.mark.parametrize('g, attention', [(1, 'auto'), (3, 'auto'), (3, 'splash')])
+def test_greedy_sampling_matches_official(tiny, g, attention):
+    """attention='splash': the cached steps through the Pallas kernel (interpret mode on CPU)."""
     z = tiny.z
-    res = sampling.sample(*_models(tiny), z[f'sample/cfg{g}/label_B'], jax.random.PRNGKey(g),
-                          cfg=float(z[f'sample/cfg{g}/cfg']), top_k=1, return_logits=True)
+    vae, vp, var, tp = _models(tiny)
+    res = sampling.sample(vae, vp, var.clone(attention=attention), tp, z[f'sample/cfg{g}/label_B'],
+                          jax.random.PRNGKey(g), cfg=float(z[f'sample/cfg{g}/cfg']), top_k=1, return_logits=True)
     for si in range(len(PN)):
         np.testing.assert_array_equal(np.asarray(res['idx'][si]), z[f'sample/cfg{g}/idx_Bl/{si:02d}'])
         np.testing.assert_allclose(np.asarray(res['logits'][si]), z[f'sample/cfg{g}/logits_BlV/{si:02d}'],

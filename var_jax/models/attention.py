@@ -7,7 +7,8 @@ query sees every key of its own block and of all earlier blocks. Implementations
             probabilities (and keeps them for the backward pass). Works everywhere; the CPU default.
 - 'splash': the Pallas TPU splash-attention kernel with the mask as its block-sparse mask: fully masked
             (128 x 128) tiles are skipped, never computed, and no (B, H, L, L) array exists in the forward
-            or the backward pass. Off TPU it runs in Pallas interpret mode (slow; for tests).
+            or the backward pass. The sampler's cached attention uses it too (keys padded to whole tiles
+            and masked). Off TPU it runs in Pallas interpret mode (slow; for tests).
 - 'cudnn':  cuDNN's fused flash attention (`jax.nn.dot_product_attention(implementation='cudnn')`), the
             mask as an additive (1, 1, L, L) bias; bf16/fp16 only, GPU only.
 - 'auto':   'splash' on TPU, 'cudnn' on GPU for bf16/fp16 inputs, else 'xla'.
@@ -24,6 +25,7 @@ import numpy as np
 
 IMPLEMENTATIONS = ('auto', 'xla', 'splash', 'cudnn')
 SPLASH_BLOCK = 128  # splash tile side (q and kv); sequences are padded to a multiple of it
+CACHED_SPLASH_MIN_QUERIES = 32  # the sampler's attention: splash from this many queries per scale on
 
 _TARGET = [None]  # platform set by compile_target, else None (the default backend)
 
@@ -89,7 +91,7 @@ def attend(q, k, v, *, sizes: Sequence[int], scale: float, implementation: str =
         raise ValueError(f'attention over {q.shape[2]} tokens but the blocks {sizes} hold {sum(sizes)}')
     impl = resolve(implementation, q.dtype)
     if impl == 'splash':
-        return _splash(q, k, v, sizes, scale)
+        return _splash(q, k, v, splash_mask(sizes), scale)
     mask = jnp.asarray(block_causal(sizes))
     if impl == 'cudnn':  # cuDNN takes (B, L, H, hd)
         t = lambda x: x.transpose(0, 2, 1, 3)
@@ -98,14 +100,19 @@ def attend(q, k, v, *, sizes: Sequence[int], scale: float, implementation: str =
     return _softmax_attention(q, k, v, scale, mask)
 
 
-def attend_cached(q, k, v, past_k, past_v, *, scale: float):
+def attend_cached(q, k, v, past_k, past_v, *, scale: float, implementation: str = 'auto'):
     """The sampler's attention: q (B, H, N, hd) attends to the past keys/values (B, H, P, hd) and to its
     own block k, v (B, H, N, hd) (all of them, no mask). Returns (B, H, N, hd).
 
-    Each query row is at most (P + N) long, so XLA's dense attention is what fits here.
+    Splash (from CACHED_SPLASH_MIN_QUERIES queries on): queries and keys padded to whole tiles, the padded
+    keys masked. XLA's dense path writes and reads float32 (B, H, N, P + N) logits, which at d16's last
+    scale takes 3.5 ms of a 7 ms block on a v5p (XLA's estimate) against splash's 1.3 ms; for a few
+    queries the dense logits are small and the kernel's tile padding costs more.
     """
     keys = jnp.concatenate([past_k.astype(q.dtype), k], axis=2)
     values = jnp.concatenate([past_v.astype(q.dtype), v], axis=2)
+    if resolve(implementation, q.dtype) == 'splash' and q.shape[2] >= CACHED_SPLASH_MIN_QUERIES:
+        return _splash(q, keys, values, cached_mask(q.shape[2], keys.shape[2]), scale)
     return _softmax_attention(q, keys, values, scale)
 
 
@@ -128,26 +135,34 @@ def splash_mask(sizes: Sequence[int], block: int = SPLASH_BLOCK) -> np.ndarray:
     return ids[:, None] >= key_ids[None, :]
 
 
-def _splash_kernel(sizes: tuple, heads: int, interpret: bool):
+def cached_mask(n: int, total: int, block: int = SPLASH_BLOCK) -> np.ndarray:
+    """The sampler's mask padded to whole tiles: n queries (one scale) see all `total` real keys (the cache
+    and their own); padded keys are never visible, padded queries see the real keys (their rows are dropped)."""
+    tiles = lambda x: -(-x // block) * block
+    return np.broadcast_to(np.arange(tiles(total)) < total, (tiles(n), tiles(total)))
+
+
+def _splash_kernel(mask: np.ndarray, heads: int, interpret: bool):
     """Built per trace: the kernel holds its mask tables as arrays, which must belong to the trace."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa  # Pallas only where used
-    m = sa.NumpyMask(splash_mask(sizes))
-    mask = sa.MultiHeadMask([m] * heads)
+    m = sa.NumpyMask(np.ascontiguousarray(mask))
     b = SPLASH_BLOCK
     blocks = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
                            block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
-    return sa.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return sa.make_splash_mha(sa.MultiHeadMask([m] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
 
 
-def _splash(q, k, v, sizes, scale):
-    B, H, L, hd = q.shape
-    Lp = L + (-L % SPLASH_BLOCK)
-    kernel = _splash_kernel(sizes, H, target_platform() != 'tpu')
+def _splash(q, k, v, mask, scale):
+    """Splash attention with `mask` (queries x keys, both padded to whole tiles); q (B, H, N, hd) and k, v
+    (B, H, S, hd) are padded to it where not yet tiled -> (B, H, N, hd)."""
+    (Nq, Nk), N = mask.shape, q.shape[2]
+    kernel = _splash_kernel(mask, q.shape[1], target_platform() != 'tpu')
 
     def per_device(q, k, v):
-        # Splash takes unscaled logits, so the scale goes into q; a sequence not yet tiled is padded here.
-        pad = lambda t: jnp.pad(t, ((0, 0), (0, 0), (0, Lp - L), (0, 0))) if Lp > L else t
-        return jax.vmap(kernel)(pad(q * jnp.asarray(scale, q.dtype)), pad(k), pad(v))[:, :, :L]
+        # Splash takes unscaled logits, so the scale goes into q.
+        pad = lambda t, n: jnp.pad(t, ((0, 0), (0, 0), (0, n - t.shape[2]), (0, 0))) if n > t.shape[2] else t
+        return jax.vmap(kernel)(pad(q * jnp.asarray(scale, q.dtype), Nq), pad(k, Nk), pad(v, Nk))[:, :, :N]
 
     # A Pallas kernel is opaque to XLA's partitioner: under a mesh (jax.set_mesh), run it per device on
     # the local batch shard (the batch is split over every mesh axis, as var_jax.sharding does).

@@ -24,7 +24,7 @@ from var_jax.models.quantizer import validate_patch_nums
 
 MAX_LOG_SCALE_MUL = math.log(100.0)
 BLOCKS = 'blocks'  # the stacked params of all blocks: {BLOCKS: {...: (depth, ...)}}
-REMAT_POLICIES = ('none', 'dots', 'full')
+REMAT_POLICIES = ('none', 'dots', 'dots_except_fc1', 'full')
 # The official scale schedules: 10 scales up to 16x16 tokens (256 px) and up to 32x32 (512 px, VAR-d36).
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -139,7 +139,7 @@ class SelfAttention(nn.Module):
         if past_kv is None:
             out = attn_lib.attend(q, k, v, sizes=sizes, scale=scale, implementation=self.attention)
         else:
-            out = attn_lib.attend_cached(q, k, v, *past_kv, scale=scale)
+            out = attn_lib.attend_cached(q, k, v, *past_kv, scale=scale, implementation=self.attention)
             new_kv = (k, v)
         out = ReshapedDense(C, C, trunc_normal(self.init_std, self.proj_scale), True, self.dtype, name='proj')(
             out, 'bhnd,hdc->bnc', (H, hd, C))
@@ -225,20 +225,31 @@ class AdaLNSelfAttn(nn.Module):
         return x * mask.astype(x.dtype) / keep.astype(x.dtype)
 
 
-def _remat_policy(remat: str):
+def _remat_policy(remat: str, fc1_kernel_shape=None):
+    """jax.checkpoint policy of `remat`; 'dots_except_fc1' needs fc1's kernel shape (C, hidden)."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f'remat={remat!r} is not one of {REMAT_POLICIES} (none: keep every activation; '
-                         f'dots: keep the matmul outputs, recompute the rest; full: recompute the block)')
-    return {'none': None, 'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable, 'full': None}[remat]
+                         f'dots: keep the matmul outputs, recompute the rest; dots_except_fc1: the same but also '
+                         f'recompute the MLP hidden; full: recompute the block)')
+    dots = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if remat == 'dots_except_fc1':
+        # fc1 is the one matmul of a block with a (C, hidden) kernel (qkv's and proj's are reshaped to
+        # head-major, ada_lin's is (C, 6C), fc2's (hidden, C)). Its output, the widest activation of the block,
+        # is recomputed: one more matmul per block. (Saving every other matmul by checkpoint_name instead
+        # was slower in XLA's estimate of the d16 step on a v5p: 0.245 s against 0.234 s, same memory.)
+        return lambda prim, *avals, **params: (not (len(avals) == 2 and avals[1].shape == fc1_kernel_shape)
+                                               and dots(prim, *avals, **params))
+    return {'none': None, 'dots': dots, 'full': None}[remat]
 
 
-def stacked_blocks(block, depth: int, scan: bool, remat: str):
+def stacked_blocks(block, depth: int, scan: bool, remat: str, fc1_kernel_shape=None):
     """The `depth` blocks as one module with stacked params: nn.scan over `block`, rematerialised per
     block when remat != 'none'; scan=False unrolls the loop (same params, one copy of the block per layer
     in the program)."""
     if remat != 'none':
         # static: train and sizes (self is argument 0). In a rolled scan CSE cannot undo the remat.
-        block = nn.remat(block, policy=_remat_policy(remat), prevent_cse=not scan, static_argnums=(5, 6))
+        block = nn.remat(block, policy=_remat_policy(remat, fc1_kernel_shape), prevent_cse=not scan,
+                         static_argnums=(5, 6))
     return nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
                    in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast), length=depth,
                    unroll=1 if scan else depth)
@@ -329,7 +340,8 @@ class VAR(nn.Module):
     # How the blocks run; none of these changes the params or the math (only speed and memory).
     scan: Any = None           # True: one nn.scan over the blocks (compile time independent of depth); False:
     #                            unrolled (faster on CPU); None: scan on TPU / GPU, unrolled on CPU
-    remat: str = 'none'        # per block: 'none', 'dots' (keep matmul outputs, recompute the rest), 'full'
+    remat: str = 'none'        # per block: 'none', 'dots' (keep matmul outputs, recompute the rest),
+    #                            'dots_except_fc1' (also recompute the MLP's 4C-wide hidden: less memory), 'full'
     attention: str = 'auto'    # 'auto', 'xla', 'splash' (TPU), 'cudnn' (GPU): see var_jax.models.attention
 
     def setup(self):
@@ -352,7 +364,7 @@ class VAR(nn.Module):
         _remat_policy(self.remat)
         attn_lib.resolve(self.attention, self.dtype)  # a bad name fails here, not deep in a trace
         scan = self.scan if self.scan is not None else attn_lib.target_platform() != 'cpu'
-        self.blocks = stacked_blocks(AdaLNSelfAttn, self.depth, scan, self.remat)(
+        self.blocks = stacked_blocks(AdaLNSelfAttn, self.depth, scan, self.remat, (C, round(C * self.mlp_ratio)))(
             C, self.num_heads, self.mlp_ratio, self.norm_eps, self.attn_l2_norm, self.shared_aln,
             self.drop_path_rate > 0, std, self.depth, self.init_adaln, self.init_adaln_gamma, self.dtype,
             self.attention, name=BLOCKS)
@@ -439,6 +451,8 @@ class VAR(nn.Module):
         cache holds keys/values of all coarser scales; this scale's are written into it.
         """
         begin, end = self.begin_ends[si]
+        # Sliced before the scan over blocks: sliced inside it, XLA's estimate of the d16 sampler on a v5p
+        # rises from 0.26 to 0.44 s (temporaries fall from 29 to 17 GiB).
         past = (cache['k'][:, :, :, :begin], cache['v'][:, :, :, :begin])
         h, (k, v) = self.blocks(tokens.astype(self.dtype), self._drop_rates(), past, self._cond_or_gss(cond),
                                 False, None)
