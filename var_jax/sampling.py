@@ -174,9 +174,9 @@ def _scale_loop(vqvae, var, top_k, use_top_p, more_smooth, return_logits,
 
 
 # XLA's optimisation effort for the sampler's programs on TPU: the least. On a v5p, d16's scale loop then
-# compiles in 31 s instead of 115 s and its decode in 17 s instead of 143 s (2 CPU cores), and XLA's own runtime
-# estimate is no worse (README, Benchmarks: benchmarks/aot.py). Elsewhere XLA's default (on CPU the setting
-# changed nothing measurable; on GPU it is not measured).
+# compiles in 32 s instead of 119 s and its decode in 16 s instead of 139 s (2 CPU cores), and XLA's own runtime
+# estimates barely move: 0.255 vs 0.264 s, 0.093 vs 0.090 s (README, Benchmarks: benchmarks/aot.py). Elsewhere
+# XLA's default (on CPU the setting changed nothing measurable; on GPU it is not measured).
 TPU_COMPILER_OPTIONS = {'exec_time_optimization_effort': -1.0}
 
 
