@@ -8,7 +8,8 @@ by editing (the decoder is a large share of an accelerator compile), and not run
 are wanted. Settings that change shapes or the program (top_k, whether top-p is on, more_smooth,
 return_logits, editing or not) are static; labels, key, cfg, top_p and temperature are traced, so a
 new label set, seed, cfg or top_p value reuses the compiled function. Compiled functions are cached
-per (models, static settings).
+per (models, static settings, target platform); on TPU they compile at XLA's least optimisation effort
+(TPU_COMPILER_OPTIONS).
 
 Editing (inpainting, outpainting, class-conditional editing) is the same loop with a per-scale
 replacement: where the keep mask is 1 the sampled embeddings are replaced by the source image's
