@@ -233,6 +233,8 @@ def _remat_policy(remat: str, fc1_kernel_shape=None):
                          f'recompute the MLP hidden; full: recompute the block)')
     dots = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     if remat == 'dots_except_fc1':
+        if fc1_kernel_shape is None:  # without it the policy would silently be 'dots'
+            raise ValueError("remat='dots_except_fc1' needs fc1's kernel shape (C, hidden)")
         # fc1 is the one matmul of a block with a (C, hidden) kernel (qkv's and proj's are reshaped to
         # head-major, ada_lin's is (C, 6C), fc2's (hidden, C)). Its output, the widest activation of the block,
         # is recomputed: one more matmul per block. (Saving every other matmul by checkpoint_name instead
@@ -361,10 +363,11 @@ class VAR(nn.Module):
         self.pos_1LC = self.param('pos_1LC', init, (self.L, C))
         if self.shared_aln:
             self.shared_ada_lin = nn.Dense(6 * C, kernel_init=init)
-        _remat_policy(self.remat)
+        fc1_kernel_shape = (C, round(C * self.mlp_ratio))
+        _remat_policy(self.remat, fc1_kernel_shape)
         attn_lib.resolve(self.attention, self.dtype)  # a bad name fails here, not deep in a trace
         scan = self.scan if self.scan is not None else attn_lib.target_platform() != 'cpu'
-        self.blocks = stacked_blocks(AdaLNSelfAttn, self.depth, scan, self.remat, (C, round(C * self.mlp_ratio)))(
+        self.blocks = stacked_blocks(AdaLNSelfAttn, self.depth, scan, self.remat, fc1_kernel_shape)(
             C, self.num_heads, self.mlp_ratio, self.norm_eps, self.attn_l2_norm, self.shared_aln,
             self.drop_path_rate > 0, std, self.depth, self.init_adaln, self.init_adaln_gamma, self.dtype,
             self.attention, name=BLOCKS)
