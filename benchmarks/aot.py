@@ -14,8 +14,8 @@ sampler's f_hat -> pixels, its own program) on one chip. One table row per progr
   analysis; fits: arguments + temporaries + outputs (minus donated aliases) <= the chip's HBM.
 - TFLOP/chip and est. s: XLA's cost analysis ('flops', 'optimal_seconds'). XLA counts the body of a
   while loop once, so for scanned blocks (var.scan) (depth - 1) x one block's cost is added, taken from the
-  blocks alone compiled unrolled at depth 2 minus depth 1; and for the sampler's 32-pass top-k / top-p
-  threshold searches, the token filters compiled with the passes written out minus the same as loops.
+  blocks alone compiled unrolled at depth 2 minus depth 1; and for the passes of the sampler's top-k /
+  top-p threshold searches, the token filters compiled with the passes written out minus the same as loops.
 - img/s = batch / est. s (all chips); MFU = analytic model FLOPs (benchmarks/common.analytic_flops) per
   chip / est. s / the chip's peak bf16 FLOP/s.
 """
@@ -138,7 +138,7 @@ def corrected_cost(config, name, mesh, device, batch, compiled):
 
     The scanned blocks: (depth - 1) x the difference between the blocks alone at depth 2 and at depth 1
     (unrolled), as the program runs them. The sampler's threshold searches: the token filters of every
-    scale with all 32 passes of each search written out, minus the same filters with the loops. These parts
+    scale with every pass of each search written out, minus the same filters with the loops. These parts
     compile with the program's own XLA options (the sampler's: `sampling.TPU_COMPILER_OPTIONS`).
     """
     options = sampling._compiler_options('tpu') if name == 'sampler' else None

@@ -167,8 +167,15 @@ def _softmax(x):
     return e / e.sum(-1, keepdims=True)
 
 
+@pytest.fixture(params=[1, 4], ids=['cpu_search', 'accelerator_search'])
+def search_bits(request, monkeypatch):
+    """Runs a test with the thresholds searched 1 bit per pass (CPU) and 4 (TPU / GPU): same results."""
+    monkeypatch.setitem(sampling.SEARCH_BITS, 'cpu', request.param)
+    return request.param
+
+
 @pytest.mark.parametrize('top_k,top_p', [(0, 0.0), (5, 0.0), (0, 0.3), (0, 0.9), (10, 0.5), (64, 1.0)])
-def test_filter_matches_official_masks(top_k, top_p):
+def test_filter_matches_official_masks(top_k, top_p, search_bits):
     logits = np.random.default_rng(0).normal(size=(400, 64)).astype(np.float32) * 2
     ours = np.asarray(sampling.filter_logits(jnp.asarray(logits), top_k=top_k, top_p=top_p))
     ref = _official_filter(logits, top_k, top_p)
@@ -176,7 +183,7 @@ def test_filter_matches_official_masks(top_k, top_p):
     np.testing.assert_allclose(ours[np.isfinite(ours)], logits[np.isfinite(ours)], rtol=1e-6)
 
 
-def test_filter_keeps_ties():
+def test_filter_keeps_ties(search_bits):
     lg = jnp.array([[3.0, 2.0, 1.0, 1.0, 1.0, 0.0, -1.0, -2.0]])
     assert np.isfinite(np.asarray(sampling.filter_logits(lg, top_k=3))).sum() == 5  # every tie of the 3rd
     # top-p: the official code would drop some of the tied 1.0s at the cut; all of them are kept.
