@@ -68,13 +68,13 @@ def _layer_norm(x, eps):
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def _l2_normalize(x, eps=1e-12):
-    """torch F.normalize: x / max(||x||, eps) over the last axis.
+def _l2_normalize(x, eps=1e-12, axis=-1):
+    """torch F.normalize: x / max(||x||, eps) over `axis` (the head dim).
 
     Written as sqrt(max(||x||^2, eps^2)): the same values, and a zero row (splash's padded keys) gets the
     gradient torch gives it instead of sqrt's NaN at 0.
     """
-    norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True), eps * eps))
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True), eps * eps))
     return (x / norm).astype(x.dtype)
 
 
@@ -109,11 +109,12 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, sizes=None, past_kv=None):
-        """x (B, N, C) -> ((B, N, C), (k, v) of x head-major (B, H, N, hd), or None).
+        """x (B, N, C) -> ((B, N, C), (k, v) of x or None).
 
         Without `past_kv`, block-causal attention over x itself with blocks of `sizes` tokens (static).
-        With past_kv = (k, v) (B, H, P, hd) of the P earlier tokens (the sampler's cache), x's queries
-        attend to all of them and to x (one scale: no mask needed) and x's own k, v are returned.
+        With past_kv = (k, v) of the P earlier tokens (the sampler's cache: (B, H, P, hd), or (B, H, hd, P)
+        where attention.sequence_minor_cache()), x's queries attend to all of them and to x (one scale: no
+        mask needed) and x's own k, v are returned in the same layout.
         """
         B, N, C = x.shape
         H = self.num_heads
@@ -122,16 +123,19 @@ class SelfAttention(nn.Module):
         if pad:  # appended as one more block: no real query sees it
             x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
             sizes = tuple(sizes) + (pad,)
+        # Head-major (B, H, N, hd), or for the sampler's cache on TPU sequence-minor (B, H, hd, N).
+        seq_minor = past_kv is not None and attn_lib.sequence_minor_cache()
+        spec, d, n = ('bnc,cthd->tbhdn', -2, -1) if seq_minor else ('bnc,cthd->tbhnd', -1, -2)  # head dim, tokens
         q, k, v = ReshapedDense(C, 3 * C, trunc_normal(self.init_std), False, self.dtype, name='mat_qkv')(
-            x, 'bnc,cthd->tbhnd', (C, 3, H, hd))
-        head_major = lambda b: b.reshape(H, 1, hd).astype(self.dtype)
-        q = q + head_major(self.param('q_bias', nn.initializers.zeros, (C,)))
-        v = v + head_major(self.param('v_bias', nn.initializers.zeros, (C,)))
+            x, spec, (C, 3, H, hd))
+        per_head = lambda b: jnp.expand_dims(b.reshape(H, hd), n).astype(self.dtype)
+        q = q + per_head(self.param('q_bias', nn.initializers.zeros, (C,)))
+        v = v + per_head(self.param('v_bias', nn.initializers.zeros, (C,)))
         if self.attn_l2_norm:
             scale_mul = self.param('scale_mul', nn.initializers.constant(math.log(4.0)), (H,))
             temp = jnp.exp(jnp.minimum(scale_mul, MAX_LOG_SCALE_MUL))
-            q = (_l2_normalize(q) * temp[:, None, None].astype(q.dtype))
-            k = _l2_normalize(k)
+            q = (_l2_normalize(q, axis=d) * temp[:, None, None].astype(q.dtype))
+            k = _l2_normalize(k, axis=d)
             scale = 1.0
         else:
             scale = 0.25 / math.sqrt(hd)
@@ -139,7 +143,8 @@ class SelfAttention(nn.Module):
         if past_kv is None:
             out = attn_lib.attend(q, k, v, sizes=sizes, scale=scale, implementation=self.attention)
         else:
-            out = attn_lib.attend_cached(q, k, v, *past_kv, scale=scale, implementation=self.attention)
+            out = attn_lib.attend_cached(q, k, v, *past_kv, scale=scale, implementation=self.attention,
+                                         seq_minor=seq_minor)
             new_kv = (k, v)
         out = ReshapedDense(C, C, trunc_normal(self.init_std, self.proj_scale), True, self.dtype, name='proj')(
             out, 'bhnd,hdc->bnc', (H, hd, C))
@@ -442,8 +447,10 @@ class VAR(nn.Module):
 
     # --- cached autoregressive step ----------------------------------------------------------
     def init_cache(self, batch: int, dtype=None):
-        """Empty KV cache {'k', 'v': (depth, batch, H, L, hd)}: head-major, stacked over the blocks."""
-        shape = (self.depth, batch, self.num_heads, self.L, self.embed_dim // self.num_heads)
+        """Empty KV cache {'k', 'v'}, stacked over the blocks: (depth, batch, H, L, hd), or sequence-minor
+        (depth, batch, H, hd, L) where attention.sequence_minor_cache() (on TPU)."""
+        H, hd = self.num_heads, self.embed_dim // self.num_heads
+        shape = (self.depth, batch, H) + ((hd, self.L) if attn_lib.sequence_minor_cache() else (self.L, hd))
         dt = dtype or self.dtype
         return {'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)}
 
@@ -456,10 +463,12 @@ class VAR(nn.Module):
         begin, end = self.begin_ends[si]
         # Sliced before the scan over blocks: sliced inside it, XLA's estimate of the d16 sampler on a v5p
         # rises from 0.26 to 0.44 s (temporaries fall from 29 to 17 GiB).
-        past = (cache['k'][:, :, :, :begin], cache['v'][:, :, :, :begin])
+        tail = () if attn_lib.sequence_minor_cache() else (slice(None),)  # the head dim after the tokens
+        tokens_in = lambda b, e: (Ellipsis, slice(b, e)) + tail
+        past = (cache['k'][tokens_in(0, begin)], cache['v'][tokens_in(0, begin)])
         h, (k, v) = self.blocks(tokens.astype(self.dtype), self._drop_rates(), past, self._cond_or_gss(cond),
                                 False, None)
-        cache = {name: cache[name].at[:, :, :, begin:end].set(t.astype(cache[name].dtype))
+        cache = {name: cache[name].at[tokens_in(begin, end)].set(t.astype(cache[name].dtype))
                  for name, t in (('k', k), ('v', v))}
         return self.logits(h, cond), cache
 
