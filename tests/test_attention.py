@@ -39,18 +39,24 @@ def test_block_causal_mask_is_by_scale():
     np.testing.assert_array_equal(block_causal_mask((1, 2, 3)), m)
 
 
+@pytest.mark.parametrize('seq_minor', [False, True], ids=['head_major', 'seq_minor'])
 @pytest.mark.parametrize('impl', ['xla', 'splash'])
-def test_output_matches_reference(qkv, impl):
-    out = jax.jit(lambda q, k, v: attention.attend(q, k, v, sizes=SIZES, scale=0.3, implementation=impl))(*qkv)
+def test_output_matches_reference(qkv, impl, seq_minor):
+    t = (lambda x: x.swapaxes(-1, -2)) if seq_minor else (lambda x: x)
+    out = jax.jit(lambda q, k, v: attention.attend(q, k, v, sizes=SIZES, scale=0.3, implementation=impl,
+                                                   seq_minor=seq_minor))(*map(t, qkv))
     np.testing.assert_allclose(out, reference(*qkv, SIZES, 0.3), atol=2e-5, rtol=0)
 
 
-def test_splash_gradients_equal_xla(qkv):
+@pytest.mark.parametrize('seq_minor', [False, True], ids=['head_major', 'seq_minor'])
+def test_splash_gradients_equal_xla(qkv, seq_minor):
+    t = (lambda x: x.swapaxes(-1, -2)) if seq_minor else (lambda x: x)
+
     def loss(impl):
         w = jax.random.normal(jax.random.PRNGKey(1), qkv[0].shape)
         return jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention.attend(
-            q, k, v, sizes=SIZES, scale=0.3, implementation=impl) * w), argnums=(0, 1, 2)))
-    g_xla, g_splash = loss('xla')(*qkv), loss('splash')(*qkv)
+            q, k, v, sizes=SIZES, scale=0.3, implementation=impl, seq_minor=seq_minor) * w), argnums=(0, 1, 2)))
+    g_xla, g_splash = loss('xla')(*map(t, qkv)), loss('splash')(*map(t, qkv))
     for a, b, name in zip(g_xla, g_splash, 'qkv'):
         np.testing.assert_allclose(b, a, atol=2e-5, rtol=0, err_msg=f'd{name}')
 
@@ -103,8 +109,9 @@ def test_auto_picks_by_platform_and_dtype():
         attention.resolve('flash', jnp.float32)
 
 
-def test_var_with_splash_matches_golden_logits_and_xla_gradients(golden, tiny):
-    """The converted official model with splash attention: the official logits, the XLA path's gradients."""
+def test_var_with_splash_matches_golden_logits_and_xla_gradients(golden, tiny, monkeypatch):
+    """The converted official model with splash attention on sequence-minor q, k, v (as on TPU): the official
+    logits, the (head-major) XLA path's gradients."""
     _, _, var, tp = tiny
     x, labels, targets = golden['var_io/x_BLCv_wo_first_l'], golden['var_io/label_B'], golden['vae_io/idx_BL']
 
@@ -115,7 +122,9 @@ def test_var_with_splash_matches_golden_logits_and_xla_gradients(golden, tiny):
                 logits, targets[..., None], -1).mean(), logits
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(tp)
 
-    (_, logits), g_splash = loss_and_grad(var.clone(attention='splash'))
+    with monkeypatch.context() as m:  # read when traced
+        m.setattr(attention, 'sequence_minor', lambda: True)
+        (_, logits), g_splash = loss_and_grad(var.clone(attention='splash'))
     np.testing.assert_allclose(logits, golden['var_io/logits_BLV'], atol=1e-4, rtol=0)
     _, g_xla = loss_and_grad(var.clone(attention='xla'))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_xla), jax.tree.leaves(g_splash)):

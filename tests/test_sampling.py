@@ -57,10 +57,10 @@ def forward(tiny):
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('g, attention', [(1, 'auto'), (3, 'auto'), (3, 'splash')])
 def test_greedy_sampling_matches_official(tiny, g, attention, monkeypatch):
-    """attention='splash' runs the TPU sampler's path: the Pallas kernel (interpret mode on CPU) on a
-    sequence-minor KV cache."""
+    """attention='splash' runs the TPU sampler's path: the Pallas kernel (interpret mode on CPU) on
+    sequence-minor q, k, v and KV cache."""
     if attention == 'splash':  # a model of its own: its compiled sampler is cached apart from the others
-        monkeypatch.setattr(sampling.attention, 'sequence_minor_cache', lambda: True)
+        monkeypatch.setattr(sampling.attention, 'sequence_minor', lambda: True)
     z = tiny.z
     vae, vp, var, tp = _models(tiny)
     res = sampling.sample(vae, vp, var.clone(attention=attention), tp, z[f'sample/cfg{g}/label_B'],

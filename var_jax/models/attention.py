@@ -80,18 +80,31 @@ def padding(n: int, implementation: str, dtype) -> int:
     return -n % SPLASH_BLOCK
 
 
-def attend(q, k, v, *, sizes: Sequence[int], scale: float, implementation: str = 'auto'):
-    """Block-causal attention. q, k, v: head-major (B, H, L, hd) with L = sum(sizes) -> (B, H, L, hd).
+def sequence_minor() -> bool:
+    """Whether q, k, v (and the sampler's KV cache) are sequence-minor, (B, H, hd, L), instead of head-major,
+    (B, H, L, hd): on TPU, where a head-major (.., L, 64) array fills half of each 128-lane tile, so every read,
+    copy and slice of it moves twice its bytes; splash reads either layout. On a v5p (XLA's estimates): d16's
+    train step 0.219 -> 0.207 s and 28.4 -> 22.8 GiB of temporaries, its sampler loop 0.232 -> 0.208 s and
+    29.3 -> 18.5 GiB. Elsewhere head-major (XLA:CPU sampled 15% slower sequence-minor)."""
+    return target_platform() == 'tpu'
 
-    `sizes` (static) are the block lengths; `scale` multiplies the logits q.k. Head-major is the layout
-    of both attention matmuls and of the splash kernel, so no transposes are needed around them.
+
+def attend(q, k, v, *, sizes: Sequence[int], scale: float, implementation: str = 'auto', seq_minor: bool = False):
+    """Block-causal attention. q, k, v: head-major (B, H, L, hd), or with seq_minor (B, H, hd, L), with
+    L = sum(sizes) -> (B, H, L, hd).
+
+    `sizes` (static) are the block lengths; `scale` multiplies the logits q.k. Both layouts are splash's
+    own, so no transposes are needed around it.
     """
     sizes = tuple(int(s) for s in sizes)
-    if q.shape[2] != sum(sizes):
-        raise ValueError(f'attention over {q.shape[2]} tokens but the blocks {sizes} hold {sum(sizes)}')
+    if q.shape[-1 if seq_minor else 2] != sum(sizes):
+        raise ValueError(f'attention over {q.shape[-1 if seq_minor else 2]} tokens but the blocks {sizes} hold '
+                         f'{sum(sizes)}')
     impl = resolve(implementation, q.dtype)
     if impl == 'splash':
-        return _splash(q, k, v, splash_mask(sizes), scale)
+        return _splash(q, k, v, splash_mask(sizes), scale, seq_minor)
+    if seq_minor:  # XLA and cuDNN choose their own layouts
+        q, k, v = (x.swapaxes(-1, -2) for x in (q, k, v))
     mask = jnp.asarray(block_causal(sizes))
     if impl == 'cudnn':  # cuDNN takes (B, L, H, hd)
         t = lambda x: x.transpose(0, 2, 1, 3)
@@ -100,19 +113,10 @@ def attend(q, k, v, *, sizes: Sequence[int], scale: float, implementation: str =
     return _softmax_attention(q, k, v, scale, mask)
 
 
-def sequence_minor_cache() -> bool:
-    """Whether the sampler's KV cache and cached attention are sequence-minor, (B, H, hd, N), instead of
-    head-major, (B, H, N, hd): on TPU, where a head-major (.., N, 64) array fills half of each 128-lane tile,
-    so every read, slice and copy of the cache moves twice its bytes (d16's loop on a v5p, XLA's estimate:
-    0.232 -> 0.208 s, temporaries 29.3 -> 18.5 GiB). Elsewhere head-major (XLA:CPU sampled 15% slower the
-    other way)."""
-    return target_platform() == 'tpu'
-
-
 def attend_cached(q, k, v, past_k, past_v, *, scale: float, implementation: str = 'auto', seq_minor: bool = False):
     """The sampler's attention: the queries of one scale attend to the past keys/values and to their own
     block's k, v (all of them, no mask). q, k, v (B, H, N, hd) and past_k, past_v (B, H, P, hd), or with
-    seq_minor all of them (B, H, hd, .) (see `sequence_minor_cache`). Returns (B, H, N, hd).
+    seq_minor all of them (B, H, hd, .). Returns (B, H, N, hd).
 
     Splash (from CACHED_SPLASH_MIN_QUERIES queries on): queries and keys padded to whole tiles, the padded
     keys masked. XLA's dense path writes and reads float32 (B, H, N, P + N) logits, which at d16's last
@@ -125,7 +129,7 @@ def attend_cached(q, k, v, past_k, past_v, *, scale: float, implementation: str 
     n, total = q.shape[axis], keys.shape[axis]
     if resolve(implementation, q.dtype) == 'splash' and n >= CACHED_SPLASH_MIN_QUERIES:
         return _splash(q, keys, values, cached_mask(n, total), scale, seq_minor)
-    if seq_minor:  # XLA picks the matmuls' layouts itself
+    if seq_minor:
         q, keys, values = (x.swapaxes(-1, -2) for x in (q, keys, values))
     return _softmax_attention(q, keys, values, scale)
 

@@ -113,7 +113,7 @@ class SelfAttention(nn.Module):
 
         Without `past_kv`, block-causal attention over x itself with blocks of `sizes` tokens (static).
         With past_kv = (k, v) of the P earlier tokens (the sampler's cache: (B, H, P, hd), or (B, H, hd, P)
-        where attention.sequence_minor_cache()), x's queries attend to all of them and to x (one scale: no
+        where attention.sequence_minor()), x's queries attend to all of them and to x (one scale: no
         mask needed) and x's own k, v are returned in the same layout.
         """
         B, N, C = x.shape
@@ -123,8 +123,8 @@ class SelfAttention(nn.Module):
         if pad:  # appended as one more block: no real query sees it
             x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
             sizes = tuple(sizes) + (pad,)
-        # Head-major (B, H, N, hd), or for the sampler's cache on TPU sequence-minor (B, H, hd, N).
-        seq_minor = past_kv is not None and attn_lib.sequence_minor_cache()
+        # Head-major (B, H, N, hd), or on TPU sequence-minor (B, H, hd, N): see attention.sequence_minor.
+        seq_minor = attn_lib.sequence_minor()
         spec, d, n = ('bnc,cthd->tbhdn', -2, -1) if seq_minor else ('bnc,cthd->tbhnd', -1, -2)  # head dim, tokens
         q, k, v = ReshapedDense(C, 3 * C, trunc_normal(self.init_std), False, self.dtype, name='mat_qkv')(
             x, spec, (C, 3, H, hd))
@@ -141,7 +141,8 @@ class SelfAttention(nn.Module):
             scale = 0.25 / math.sqrt(hd)
         new_kv = None
         if past_kv is None:
-            out = attn_lib.attend(q, k, v, sizes=sizes, scale=scale, implementation=self.attention)
+            out = attn_lib.attend(q, k, v, sizes=sizes, scale=scale, implementation=self.attention,
+                                  seq_minor=seq_minor)
         else:
             out = attn_lib.attend_cached(q, k, v, *past_kv, scale=scale, implementation=self.attention,
                                          seq_minor=seq_minor)
@@ -448,9 +449,9 @@ class VAR(nn.Module):
     # --- cached autoregressive step ----------------------------------------------------------
     def init_cache(self, batch: int, dtype=None):
         """Empty KV cache {'k', 'v'}, stacked over the blocks: (depth, batch, H, L, hd), or sequence-minor
-        (depth, batch, H, hd, L) where attention.sequence_minor_cache() (on TPU)."""
+        (depth, batch, H, hd, L) where attention.sequence_minor() (on TPU)."""
         H, hd = self.num_heads, self.embed_dim // self.num_heads
-        shape = (self.depth, batch, H) + ((hd, self.L) if attn_lib.sequence_minor_cache() else (self.L, hd))
+        shape = (self.depth, batch, H) + ((hd, self.L) if attn_lib.sequence_minor() else (self.L, hd))
         dt = dtype or self.dtype
         return {'k': jnp.zeros(shape, dt), 'v': jnp.zeros(shape, dt)}
 
@@ -463,7 +464,7 @@ class VAR(nn.Module):
         begin, end = self.begin_ends[si]
         # Sliced before the scan over blocks: sliced inside it, XLA's estimate of the d16 sampler on a v5p
         # rises from 0.26 to 0.44 s (temporaries fall from 29 to 17 GiB).
-        tail = () if attn_lib.sequence_minor_cache() else (slice(None),)  # the head dim after the tokens
+        tail = () if attn_lib.sequence_minor() else (slice(None),)  # the head dim after the tokens
         tokens_in = lambda b, e: (Ellipsis, slice(b, e)) + tail
         past = (cache['k'][tokens_in(0, begin)], cache['v'][tokens_in(0, begin)])
         h, (k, v) = self.blocks(tokens.astype(self.dtype), self._drop_rates(), past, self._cond_or_gss(cond),
