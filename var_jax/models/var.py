@@ -68,13 +68,19 @@ def _layer_norm(x, eps):
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
-def _l2_normalize(x, eps=1e-12, axis=-1):
+def _l2_normalize(x, axis, eps=1e-12):
     """torch F.normalize: x / max(||x||, eps) over `axis` (the head dim).
 
     Written as sqrt(max(||x||^2, eps^2)): the same values, and a zero row (splash's padded keys) gets the
     gradient torch gives it instead of sqrt's NaN at 0.
     """
-    norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True), eps * eps))
+    if axis == -2:  # sequence-minor (TPU): as a contraction, which XLA tiles well; its reduce over the
+        # second-minor axis went one element per step for 36-100 tokens (d16 sampler loop 0.208 -> 0.204 s)
+        ss = jnp.einsum('...dn,...dn->...n', x, x, precision=jax.lax.Precision.HIGHEST,
+                        preferred_element_type=jnp.float32)[..., None, :]
+    else:
+        ss = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True)
+    norm = jnp.sqrt(jnp.maximum(ss, eps * eps))
     return (x / norm).astype(x.dtype)
 
 
