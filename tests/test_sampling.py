@@ -205,13 +205,15 @@ CHI2_CASES = {
 
 
 @pytest.mark.parametrize('case', sorted(CHI2_CASES))
-def test_sample_distribution_chi_square(case):
+@pytest.mark.parametrize('platform', ['cpu', 'tpu'])  # inverse CDF / Gumbel-max, 1- / 4-bit threshold searches
+def test_sample_distribution_chi_square(case, platform):
     from scipy.stats import chisquare
     logits, kw = CHI2_CASES[case]
     n = 40000
     expected = _softmax(_official_filter(logits[None], **kw))[0]
     draw = jax.jit(lambda key, lg: sampling.sample_logits(key, lg, **kw)[0])
-    idx = np.asarray(draw(jax.random.PRNGKey(123), jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, 8))))
+    with sampling.attention.compile_target(platform):  # traced for that platform, run here
+        idx = np.asarray(draw(jax.random.PRNGKey(123), jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, 8))))
     counts = np.bincount(idx, minlength=8)
     support = expected > 0
     assert counts[~support].sum() == 0, f'filtered tokens were drawn: {counts}'
