@@ -60,8 +60,9 @@ def base_config():
         vocab_size=4096, z_channels=32, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
         patch_nums=PATCH_NUMS_256, beta=0.25, quant_resi=0.5, share_quant_resi=4,
         # Matmul precision ('highest' | 'high' | 'default'; same params) of the encoding path (encoder, quant_conv,
-        # quantizer: token ids equal the float32 reference on TPU/GPU only at 'highest') and of the decoder.
-        encode_precision='highest', decode_precision='default'))
+        # quantizer: token ids equal the float32 reference on TPU/GPU only at 'highest') and of the decoder; the
+        # decoder's compute dtype ('float32' | 'bfloat16': half the activation memory on GPU/TPU).
+        encode_precision='highest', decode_precision='default', decode_dtype='float32'))
     c.var = ml_collections.ConfigDict(dict(
         num_classes=1000,            # <= 0: the dataset's number of classes
         **official_var(16),          # depth, width, heads, drop path and shared AdaLN of VAR-d16
@@ -127,6 +128,7 @@ def imagenet_config(depth, *, batch_size, epochs, tblr, alng, wpe, wd_end=0.05, 
     c.vae.patch_nums = PATCH_NUMS_512 if image_size == 512 else PATCH_NUMS_256
     c.var.update(official_var(depth, shared_aln=shared_aln))
     c.var.update(dict(init_adaln_gamma=alng, dtype='bfloat16'))
+    c.vae.decode_dtype = 'bfloat16'
     steps_per_epoch = math.ceil(IMAGENET_TRAIN_IMAGES / batch_size)
     c.transformer.update(dict(total_steps=epochs * steps_per_epoch, batch_size=batch_size))
     # Warm-up of epochs/50 epochs, as train.py's default --wp.

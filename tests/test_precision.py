@@ -183,6 +183,25 @@ def test_decode_precision_governs_the_decoder(tiny, decode_precision):
     assert all(p == [decode_precision.upper()] * 2 for _, p in ops), ops
 
 
+def test_bfloat16_decode_computes_in_bfloat16_and_returns_float32_images(tiny, golden):
+    """decode_dtype='bfloat16': every conv and matmul of post_quant_conv and the decoder takes bf16 operands, the
+    images come out float32 and close to the float32 decode of the golden f_hat; token ids are untouched."""
+    vqvae, vp, _, _ = tiny
+    f_hat = jnp.asarray(golden['vae_io/fhat_BChw'].transpose(0, 2, 3, 1))
+    decode = lambda m: jax.jit(lambda p, f: m.apply({'params': p}, f, method=VQVAE.fhat_to_img))
+    low = vqvae.clone(decode_dtype='bfloat16')
+    text = jax.jit(lambda p, f: low.apply({'params': p}, f, method=VQVAE.fhat_to_img)).lower(vp, f_hat).as_text()
+    ops = [ln for ln in text.splitlines() if 'stablehlo.convolution' in ln or 'stablehlo.dot_general' in ln]
+    operands = [ln.rsplit(' : ', 1)[1].split(') -> ')[0] for ln in ops]  # '(tensor<..xbf16>, tensor<..xbf16>'
+    assert operands and all('bf16' in x and 'f32' not in x for x in operands), operands
+    a, b = decode(vqvae)(vp, f_hat), decode(low)(vp, f_hat)
+    assert b.dtype == jnp.float32
+    err = np.abs(np.asarray(b) - np.asarray(a))
+    assert 0 < err.mean() < 0.01 and err.max() < 0.2, (err.mean(), err.max())  # images in [-1, 1]
+    with pytest.raises(ValueError, match="decode_dtype='float16'"):
+        jax.eval_shape(vqvae.clone(decode_dtype='float16').init, jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+
+
 def test_bad_precision_names_the_field():
     with pytest.raises(ValueError, match="encode_precision='float32' is not a matmul precision"):
         jax.eval_shape(VQVAE(ch=32, ch_mult=(1, 2), patch_nums=(1, 2), encode_precision='float32').init,

@@ -77,6 +77,8 @@ def check(config, mode: str, workdir: str) -> None:
             matmul_precision(config.vae[field], f'vae.{field}')
         except ValueError as e:
             problems.append(str(e))
+    need(config.vae.decode_dtype in ('float32', 'bfloat16'),
+         f"vae.decode_dtype={config.vae.decode_dtype!r}: use 'float32' or 'bfloat16'")
     if config.var.embed_dim % config.var.num_heads:
         problems.append(f'var.embed_dim={config.var.embed_dim} is not divisible by var.num_heads={config.var.num_heads}')
     problems += _sample_problems(config.sample, config.vae.vocab_size, n_dev)

@@ -18,7 +18,7 @@ from var_jax.sharding import PyTree
 
 
 # Model fields that choose how the math runs, not what it is: a params file fits whatever they are set to.
-COMPUTE_CHOICES = ('dtype', 'scan', 'remat', 'attention', 'encode_precision', 'decode_precision')
+COMPUTE_CHOICES = ('dtype', 'scan', 'remat', 'attention', 'encode_precision', 'decode_precision', 'decode_dtype')
 
 
 class ParamsFileError(ValueError):

@@ -6,7 +6,7 @@ dict ('down.2.block.0' -> 'down_2_block_0') so the converter is a renaming plus 
 Images are NHWC in [-1, 1]. Every conv and matmul takes an explicit `precision`: the encoding path
 (encoder, quant_conv, quantizer) runs at VQVAE.encode_precision, the decoding path at decode_precision.
 """
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,22 +17,24 @@ from var_jax.models.quantizer import MultiScaleQuantizer, matmul_precision, vali
 Precision = Optional[jax.lax.Precision]   # None: the backend's default (or jax_default_matmul_precision)
 
 
-def _group_norm(name):
-    # use_fast_variance=False: E[(x-mean)^2] like torch, not E[x^2]-E[x]^2.
-    return nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False, name=name)
+def _group_norm(name, dtype=jnp.float32):
+    # use_fast_variance=False: E[(x-mean)^2] like torch, not E[x^2]-E[x]^2. Statistics in float32 whatever dtype.
+    return nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name)
 
 
 class ResnetBlock(nn.Module):
     out_channels: int
     precision: Precision = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         def conv(k, name):
-            return nn.Conv(self.out_channels, (k, k), padding=k // 2, precision=self.precision, name=name)
+            return nn.Conv(self.out_channels, (k, k), padding=k // 2, precision=self.precision, dtype=self.dtype,
+                           name=name)
 
-        h = conv(3, 'conv1')(nn.silu(_group_norm('norm1')(x)))
-        h = conv(3, 'conv2')(nn.silu(_group_norm('norm2')(h)))
+        h = conv(3, 'conv1')(nn.silu(_group_norm('norm1', self.dtype)(x)))
+        h = conv(3, 'conv2')(nn.silu(_group_norm('norm2', self.dtype)(h)))
         if x.shape[-1] != self.out_channels:
             x = conv(1, 'nin_shortcut')(x)
         return x + h
@@ -44,15 +46,19 @@ class AttnBlock(nn.Module):
     Two einsums rather than jax.nn.dot_product_attention, which takes no precision.
     """
     precision: Precision = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         B, H, W, C = x.shape
-        qkv = nn.Conv(3 * C, (1, 1), precision=self.precision, name='qkv')(_group_norm('norm')(x))
+        qkv = nn.Conv(3 * C, (1, 1), precision=self.precision, dtype=self.dtype, name='qkv')(
+            _group_norm('norm', self.dtype)(x))
         q, k, v = jnp.split(qkv.reshape(B, H * W, 3 * C), 3, axis=-1)
-        w = jax.nn.softmax(jnp.einsum('bqc,bkc->bqk', q, k, precision=self.precision) * C ** -0.5, axis=-1)
+        logits = jnp.einsum('bqc,bkc->bqk', q, k, precision=self.precision, preferred_element_type=jnp.float32)
+        w = jax.nn.softmax(logits * C ** -0.5, axis=-1).astype(self.dtype)
         h = jnp.einsum('bqk,bkc->bqc', w, v, precision=self.precision)
-        return x + nn.Conv(C, (1, 1), precision=self.precision, name='proj_out')(h.reshape(B, H, W, C))
+        return x + nn.Conv(C, (1, 1), precision=self.precision, dtype=self.dtype, name='proj_out')(
+            h.reshape(B, H, W, C))
 
 
 class Downsample(nn.Module):
@@ -68,11 +74,12 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """Nearest-neighbour x2 then a 3x3 conv."""
     precision: Precision = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return nn.Conv(x.shape[-1], (3, 3), padding=1, precision=self.precision, name='conv')(x)
+        return nn.Conv(x.shape[-1], (3, 3), padding=1, precision=self.precision, dtype=self.dtype, name='conv')(x)
 
 
 class Encoder(nn.Module):
@@ -113,26 +120,28 @@ class Decoder(nn.Module):
     using_sa: bool = True
     using_mid_sa: bool = True
     precision: Precision = None
+    dtype: Any = jnp.float32   # compute dtype (params stay float32); the images come out float32
 
     @nn.compact
     def __call__(self, z):
-        p = self.precision
+        p, dt = self.precision, self.dtype
         last = len(self.ch_mult) - 1
         c = self.ch * self.ch_mult[last]
-        h = nn.Conv(c, (3, 3), padding=1, precision=p, name='conv_in')(z)
-        h = ResnetBlock(c, p, name='mid_block_1')(h)
+        h = nn.Conv(c, (3, 3), padding=1, precision=p, dtype=dt, name='conv_in')(z)
+        h = ResnetBlock(c, p, dt, name='mid_block_1')(h)
         if self.using_mid_sa:
-            h = AttnBlock(p, name='mid_attn_1')(h)
-        h = ResnetBlock(c, p, name='mid_block_2')(h)
+            h = AttnBlock(p, dt, name='mid_attn_1')(h)
+        h = ResnetBlock(c, p, dt, name='mid_block_2')(h)
         for i in reversed(range(len(self.ch_mult))):
             for j in range(self.num_res_blocks + 1):
-                h = ResnetBlock(self.ch * self.ch_mult[i], p, name=f'up_{i}_block_{j}')(h)
+                h = ResnetBlock(self.ch * self.ch_mult[i], p, dt, name=f'up_{i}_block_{j}')(h)
                 if i == last and self.using_sa:
-                    h = AttnBlock(p, name=f'up_{i}_attn_{j}')(h)
+                    h = AttnBlock(p, dt, name=f'up_{i}_attn_{j}')(h)
             if i != 0:
-                h = Upsample(p, name=f'up_{i}_upsample')(h)
-        h = nn.silu(_group_norm('norm_out')(h))
-        return nn.Conv(self.out_channels, (3, 3), padding=1, precision=p, name='conv_out')(h)
+                h = Upsample(p, dt, name=f'up_{i}_upsample')(h)
+        h = nn.silu(_group_norm('norm_out', dt)(h))
+        return nn.Conv(self.out_channels, (3, 3), padding=1, precision=p, dtype=dt, name='conv_out')(h).astype(
+            jnp.float32)
 
 
 class VQVAE(nn.Module):
@@ -148,6 +157,9 @@ class VQVAE(nn.Module):
     choose how the math runs, not the params. On TPU (and with TF32 on GPU) float32 convs at 'default' run
     as one bfloat16 pass, which flips nearest-code argmins, so token ids match the float32 reference only
     at 'highest'; the decoder makes pixels, which the official sampler computes in float16 anyway.
+    decode_dtype ('float32' | 'bfloat16'): the compute dtype of the decoding path (params stay float32). On
+    accelerators bfloat16 halves the decoder's activation traffic (d16's sampler decode on a v5p, XLA's
+    estimate: 0.093 -> 0.077 s, temporaries 12 -> 6 GiB).
     """
     vocab_size: int = 4096
     z_channels: int = 32
@@ -163,6 +175,7 @@ class VQVAE(nn.Module):
     using_mid_sa: bool = True
     encode_precision: str = 'highest'
     decode_precision: str = 'default'
+    decode_dtype: str = 'float32'
 
     @property
     def downsample(self) -> int:
@@ -181,10 +194,13 @@ class VQVAE(nn.Module):
         arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                     using_sa=self.using_sa, using_mid_sa=self.using_mid_sa)
         self.encoder = Encoder(z_channels=self.z_channels, precision=enc, **arch)
-        self.decoder = Decoder(precision=dec, **arch)
+        if self.decode_dtype not in ('float32', 'bfloat16'):
+            raise ValueError(f"decode_dtype={self.decode_dtype!r}: use 'float32' or 'bfloat16'")
+        self.decoder = Decoder(precision=dec, dtype=jnp.dtype(self.decode_dtype), **arch)
         ks = self.quant_conv_ks
         self.quant_conv = nn.Conv(self.z_channels, (ks, ks), padding=ks // 2, precision=enc)
-        self.post_quant_conv = nn.Conv(self.z_channels, (ks, ks), padding=ks // 2, precision=dec)
+        self.post_quant_conv = nn.Conv(self.z_channels, (ks, ks), padding=ks // 2, precision=dec,
+                                       dtype=jnp.dtype(self.decode_dtype))
         self.quantize = MultiScaleQuantizer(
             vocab_size=self.vocab_size, cvae=self.z_channels, patch_nums=tuple(self.patch_nums),
             beta=self.beta, quant_resi=self.quant_resi, share_quant_resi=self.share_quant_resi, precision=enc)

@@ -198,8 +198,8 @@ def train(config, workdir: str, num_data_classes: int, vae_params=None, pretrain
 # --- pre-tokenised data (config.data.pretokenize) ------------------------------------------------
 def tokenizer_fingerprint(vqvae: VQVAE, vae_params) -> str:
     """sha256 of the tokenizer's config and params: a token cache is valid for exactly this tokenizer.
-    decode_precision is left out: the decoder makes no token ids."""
-    cfg = {k: v for k, v in checkpoint.model_config(vqvae).items() if k != 'decode_precision'}
+    decode_precision and decode_dtype are left out: the decoder makes no token ids."""
+    cfg = {k: v for k, v in checkpoint.model_config(vqvae).items() if k not in ('decode_precision', 'decode_dtype')}
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(vae_params))
     for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
