@@ -18,6 +18,8 @@ sampler's f_hat -> pixels, its own program) on one chip. One table row per progr
   top-p threshold searches, the token filters compiled with the passes written out minus the same as loops.
 - img/s = batch / est. s (all chips); MFU = analytic model FLOPs (benchmarks/common.analytic_flops) per
   chip / est. s / the chip's peak bf16 FLOP/s.
+- --top_ops N: under each row the N instructions with the most cycles in XLA's per-instruction estimates
+  (relative weights within a program; Pallas kernels have none): where to look for the time.
 """
 import os
 
@@ -28,6 +30,7 @@ os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # several compiles may run side by side
 
 import dataclasses  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 
 import common  # noqa: E402
@@ -52,6 +55,7 @@ flags.DEFINE_enum('remat', None, list(REMAT_POLICIES), 'per-block rematerialisat
 flags.DEFINE_enum('attention', None, list(attention.IMPLEMENTATIONS), 'attention kernel (default: the config\'s)')
 flags.DEFINE_bool('scan', None, 'scan over the blocks (default: the config\'s)')
 flags.DEFINE_bool('correct_loops', True, 'correct XLA\'s once-per-loop cost counts (extra small compiles)')
+flags.DEFINE_integer('top_ops', 0, 'after each row, the N instructions XLA estimates costliest (0: none)')
 FLAGS = flags.FLAGS
 
 # Per chip: bf16 peak TFLOP/s, HBM GiB, TensorCores (a v4 topology lists each core as a device).
@@ -214,6 +218,23 @@ def _filters_cost(var, device, batch, sample, unroll, options):
         sampling.SEARCH_UNROLL = old
 
 
+def top_ops(compiled, n: int) -> str:
+    """The n instructions of the compiled program with the most `estimated_cycles` (XLA's per-instruction cost
+    model in their backend configs): where the time goes. A loop body's instructions count once per iteration."""
+    rows, computation = [], ''
+    for line in compiled.as_text().splitlines():
+        head = re.match(r'^(?:ENTRY )?%?([\w.\-]+) .*\{$', line)
+        if head:
+            computation = head.group(1)
+        cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
+        if cycles and line.startswith('  ') and int(cycles.group(1)) < 2 ** 62:  # int64 max: no estimate
+            op = re.search(r'op_name="([^"]*)"', line)
+            shape = line.split('=', 1)[1].split()[0]
+            rows.append((int(cycles.group(1)), computation[:32], shape[:48], op.group(1)[-70:] if op else ''))
+    rows.sort(reverse=True)
+    return '\n'.join(f'  {c:>12,} {comp:32} {shape:48} {op}' for c, comp, shape, op in rows[:n])
+
+
 def main(_):
     config = common.config()
     overrides = {k: getattr(FLAGS, k) for k in ('dtype', 'remat', 'attention', 'scan') if getattr(FLAGS, k) is not None}
@@ -251,6 +272,8 @@ def main(_):
             model = {'transformer': common.analytic_flops(var, batch // chips),
                      'sampler': common.analytic_flops(var, 2 * batch, train=False)}.get(name, 0.0)
             line(Row(name, chips, batch, secs, *memory(compiled, hbm), f / 1e12, s, model).cells(peak))
+            if FLAGS.top_ops:
+                print(top_ops(compiled, FLAGS.top_ops), flush=True)
 
 
 def _resolved(var):

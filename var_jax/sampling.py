@@ -18,8 +18,9 @@ own, as in the official notebook. Teacher forcing (every token replaced) is the 
 what the tests use to check the cached loop against the full forward pass.
 
 Differences from the official code, all deliberate:
-- Sampling uses JAX's counter-based RNG (one uniform per token, inverse CDF), so samples cannot
-  match torch.multinomial streams bit for bit; greedy sampling (top_k=1) and the logits do.
+- Sampling uses JAX's counter-based RNG (on CPU one uniform per token, inverse CDF; on TPU / GPU
+  Gumbel-max), so samples cannot match torch.multinomial streams bit for bit, nor a CPU's those of an
+  accelerator; greedy sampling (top_k=1) and the logits do.
   Each scale uses its own split of the key, so a key fixes the whole sample.
 - top-p keeps every token tied in probability with the smallest surviving one (the official scatter
   removes an arbitrary subset of such ties); for untied probabilities the result is identical.
