@@ -64,17 +64,16 @@ def test_splash_gradients_equal_xla(qkv, seq_minor):
 @pytest.mark.parametrize('impl', ['xla', 'splash'])
 @pytest.mark.parametrize('past, n', [(0, 1), (130, 33)])  # the first scale (dense); splash over a tile edge
 def test_cached_attention_matches_reference(impl, past, n):
-    """The sampler's step: one scale's n queries see the past keys and their own block (no mask), i.e. the
-    last block's rows of block-causal attention over (past, n), with head-major and sequence-minor arrays."""
+    """The sampler's step: one scale's n queries see every key so far, the past and their own block's (no
+    mask), i.e. the last block's rows of block-causal attention over (past, n), in both layouts."""
     assert (n >= attention.CACHED_SPLASH_MIN_QUERIES) == (n == 33)
     q, k, v = (jax.random.normal(kk, (2, 2, past + n, 64), jnp.float32) for kk in jax.random.split(
         jax.random.PRNGKey(2), 3))
     want = reference(q, k, v, (past, n) if past else (n,), 0.3)[:, :, past:]
     for seq_minor in (False, True):
         t = (lambda x: x.swapaxes(-1, -2)) if seq_minor else (lambda x: x)
-        out = jax.jit(lambda q, k, v, pk, pv: attention.attend_cached(
-            q, k, v, pk, pv, scale=0.3, implementation=impl, seq_minor=seq_minor))(
-            t(q[:, :, past:]), t(k[:, :, past:]), t(v[:, :, past:]), t(k[:, :, :past]), t(v[:, :, :past]))
+        out = jax.jit(lambda q, k, v: attention.attend_cached(q, k, v, scale=0.3, implementation=impl,
+                                                              seq_minor=seq_minor))(t(q[:, :, past:]), t(k), t(v))
         np.testing.assert_allclose(out, want, atol=2e-5, rtol=0)
 
 

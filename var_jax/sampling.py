@@ -1,8 +1,9 @@
 """KV-cached class-conditional sampling and zero-shot editing with VAR (VAR_SPEC 2.10-2.12).
 
 One `jax.jit`-compiled function runs the whole next-scale loop: a Python loop over the static
-scale sizes (unrolled, so every shape is static), one fixed-size KV cache of L slots per block,
-classifier-free guidance on a doubled batch [cond; uncond] that shares a single f_hat. A second
+scale sizes (unrolled, so every shape is static), a KV cache per block that each scale returns grown by
+its own keys and values (the keys its attention reads: no cache-sized buffer is zero-filled, sliced or
+updated in place), classifier-free guidance on a doubled batch [cond; uncond] that shares a single f_hat. A second
 compiled function decodes f_hat to pixels: one per tokenizer, shared by every sampler setting and
 by editing (the decoder is a large share of an accelerator compile), and not run where only tokens
 are wanted. Settings that change shapes or the program (top_k, whether top-p is on, more_smooth,

@@ -113,25 +113,23 @@ def attend(q, k, v, *, sizes: Sequence[int], scale: float, implementation: str =
     return _softmax_attention(q, k, v, scale, mask)
 
 
-def attend_cached(q, k, v, past_k, past_v, *, scale: float, implementation: str = 'auto', seq_minor: bool = False):
-    """The sampler's attention: the queries of one scale attend to the past keys/values and to their own
-    block's k, v (all of them, no mask). q, k, v (B, H, N, hd) and past_k, past_v (B, H, P, hd), or with
-    seq_minor all of them (B, H, hd, .). Returns (B, H, N, hd).
+def attend_cached(q, k, v, *, scale: float, implementation: str = 'auto', seq_minor: bool = False):
+    """The sampler's attention: the N queries of one scale attend to every key so far, the cache and their own
+    block's (S = P + N, no mask). q (B, H, N, hd) and k, v (B, H, S, hd), or with seq_minor all three
+    (B, H, hd, .). Returns (B, H, N, hd).
 
     Splash (from CACHED_SPLASH_MIN_QUERIES queries on): queries and keys padded to whole tiles, the padded
-    keys masked. XLA's dense path writes and reads float32 (B, H, N, P + N) logits, which at d16's last
+    keys masked. XLA's dense path writes and reads float32 (B, H, N, S) logits, which at d16's last
     scale takes 3.5 ms of a 7 ms block on a v5p (XLA's estimate) against splash's 1.3 ms; for a few
     queries the dense logits are small and the kernel's tile padding costs more.
     """
     axis = -1 if seq_minor else 2
-    keys = jnp.concatenate([past_k.astype(q.dtype), k], axis=axis)
-    values = jnp.concatenate([past_v.astype(q.dtype), v], axis=axis)
-    n, total = q.shape[axis], keys.shape[axis]
+    n, total = q.shape[axis], k.shape[axis]
     if resolve(implementation, q.dtype) == 'splash' and n >= CACHED_SPLASH_MIN_QUERIES:
-        return _splash(q, keys, values, cached_mask(n, total), scale, seq_minor)
+        return _splash(q, k, v, cached_mask(n, total), scale, seq_minor)
     if seq_minor:
-        q, keys, values = (x.swapaxes(-1, -2) for x in (q, keys, values))
-    return _softmax_attention(q, keys, values, scale)
+        q, k, v = (x.swapaxes(-1, -2) for x in (q, k, v))
+    return _softmax_attention(q, k, v, scale)
 
 
 def _softmax_attention(q, k, v, scale, mask=None):
