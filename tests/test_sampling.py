@@ -88,6 +88,14 @@ def test_cached_loop_equals_teacher_forced_forward(tiny, forward):
     np.testing.assert_allclose(np.asarray(res['f_hat']), np.asarray(fhat), atol=1e-5)
 
 
+def test_step_refuses_a_cache_of_other_scales(tiny):
+    """The cache grows scale by scale: a step given the cache of other scales says so instead of misreading it."""
+    var, C = tiny.var, tiny.var.embed_dim
+    x, cond = jnp.zeros((2, PN[1] ** 2, C)), jnp.zeros((2, C))
+    with pytest.raises(ValueError, match='scale 1 needs the cache of the 1 tokens before it, got 0'):
+        var.apply({'params': tiny.tp}, method=lambda m: m.step(1, x, cond, m.init_cache(2)))
+
+
 def test_new_labels_key_and_cfg_do_not_retrace(tiny):
     models = _models(tiny)
     kw = dict(top_k=1, return_logits=True)  # the greedy tests' configuration
