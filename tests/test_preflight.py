@@ -69,6 +69,8 @@ def test_bad_data_and_stage_settings(tmp_path):
     assert 'stages=' in msg and 'data.resize_ratio=0.5' in msg and 'set data.image_size=32' in msg
     msg = _problems(tmp_path, **{'vae.encode_precision': 'fp32', 'vae.decode_precision': 'high'})
     assert "vae.encode_precision='fp32' is not a matmul precision" in msg and 'decode_precision' not in msg
+    msg = _problems(tmp_path, **{'vae.decode_dtype': 'float16'})
+    assert "vae.decode_dtype='float16': use 'float32' or 'bfloat16'" in msg
 
 
 def _main(*flags):

@@ -11,6 +11,7 @@ import jax
 
 from var_jax import checkpoint, sampling
 from var_jax.models.quantizer import matmul_precision
+from var_jax.models.vqvae import decode_dtype
 
 MODES = ('train', 'sample', 'eval')
 STAGES = ('tokenizer', 'transformer')
@@ -77,8 +78,10 @@ def check(config, mode: str, workdir: str) -> None:
             matmul_precision(config.vae[field], f'vae.{field}')
         except ValueError as e:
             problems.append(str(e))
-    need(config.vae.decode_dtype in ('float32', 'bfloat16'),
-         f"vae.decode_dtype={config.vae.decode_dtype!r}: use 'float32' or 'bfloat16'")
+    try:
+        decode_dtype(config.vae.decode_dtype, 'vae.decode_dtype')
+    except ValueError as e:
+        problems.append(str(e))
     if config.var.embed_dim % config.var.num_heads:
         problems.append(f'var.embed_dim={config.var.embed_dim} is not divisible by var.num_heads={config.var.num_heads}')
     problems += _sample_problems(config.sample, config.vae.vocab_size, n_dev)

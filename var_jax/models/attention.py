@@ -97,9 +97,9 @@ def attend(q, k, v, *, sizes: Sequence[int], scale: float, implementation: str =
     own, so no transposes are needed around it.
     """
     sizes = tuple(int(s) for s in sizes)
-    if q.shape[-1 if seq_minor else 2] != sum(sizes):
-        raise ValueError(f'attention over {q.shape[-1 if seq_minor else 2]} tokens but the blocks {sizes} hold '
-                         f'{sum(sizes)}')
+    n = q.shape[-1 if seq_minor else 2]
+    if n != sum(sizes):
+        raise ValueError(f'attention over {n} tokens but the blocks {sizes} hold {sum(sizes)}')
     impl = resolve(implementation, q.dtype)
     if impl == 'splash':
         return _splash(q, k, v, splash_mask(sizes), scale, seq_minor)

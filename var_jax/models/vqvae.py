@@ -17,6 +17,13 @@ from var_jax.models.quantizer import MultiScaleQuantizer, matmul_precision, vali
 Precision = Optional[jax.lax.Precision]   # None: the backend's default (or jax_default_matmul_precision)
 
 
+def decode_dtype(name: str, field: str = 'decode_dtype'):
+    """'float32' | 'bfloat16' -> the compute dtype of the decoding path (VQVAE.decode_dtype)."""
+    if name not in ('float32', 'bfloat16'):
+        raise ValueError(f"{field}={name!r}: use 'float32' or 'bfloat16'")
+    return jnp.dtype(name)
+
+
 def _group_norm(name, dtype=jnp.float32):
     # use_fast_variance=False: E[(x-mean)^2] like torch, not E[x^2]-E[x]^2. Statistics in float32 whatever dtype.
     return nn.GroupNorm(num_groups=32, epsilon=1e-6, use_fast_variance=False, dtype=dtype, name=name)
@@ -194,13 +201,11 @@ class VQVAE(nn.Module):
         arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
                     using_sa=self.using_sa, using_mid_sa=self.using_mid_sa)
         self.encoder = Encoder(z_channels=self.z_channels, precision=enc, **arch)
-        if self.decode_dtype not in ('float32', 'bfloat16'):
-            raise ValueError(f"decode_dtype={self.decode_dtype!r}: use 'float32' or 'bfloat16'")
-        self.decoder = Decoder(precision=dec, dtype=jnp.dtype(self.decode_dtype), **arch)
+        dec_dtype = decode_dtype(self.decode_dtype)
+        self.decoder = Decoder(precision=dec, dtype=dec_dtype, **arch)
         ks = self.quant_conv_ks
         self.quant_conv = nn.Conv(self.z_channels, (ks, ks), padding=ks // 2, precision=enc)
-        self.post_quant_conv = nn.Conv(self.z_channels, (ks, ks), padding=ks // 2, precision=dec,
-                                       dtype=jnp.dtype(self.decode_dtype))
+        self.post_quant_conv = nn.Conv(self.z_channels, (ks, ks), padding=ks // 2, precision=dec, dtype=dec_dtype)
         self.quantize = MultiScaleQuantizer(
             vocab_size=self.vocab_size, cvae=self.z_channels, patch_nums=tuple(self.patch_nums),
             beta=self.beta, quant_resi=self.quant_resi, share_quant_resi=self.share_quant_resi, precision=enc)
