@@ -40,7 +40,7 @@ from absl import app, flags  # noqa: E402
 from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from var_jax import sampling, sharding  # noqa: E402
+from var_jax import draws, sampling, sharding  # noqa: E402
 from var_jax.models import attention  # noqa: E402
 from var_jax.models.var import REMAT_POLICIES  # noqa: E402
 
@@ -209,13 +209,13 @@ def _filters_cost(var, device, batch, sample, unroll, options):
 
     def draw(logits):
         key = jax.random.PRNGKey(0)
-        return [sampling.sample_logits(key, z, top_k=int(sample.top_k), top_p=jnp.float32(sample.top_p),
+        return [draws.sample_logits(key, z, top_k=int(sample.top_k), top_p=jnp.float32(sample.top_p),
                                        use_top_p=sample.top_p > 0)[0] for z in logits]
-    old, sampling.SEARCH_UNROLL = sampling.SEARCH_UNROLL, unroll  # read when traced (at lower)
+    old, draws.SEARCH_UNROLL = draws.SEARCH_UNROLL, unroll  # read when traced (at lower)
     try:
         return cost(jax.jit(draw).lower(logits).compile(compiler_options=options))
     finally:
-        sampling.SEARCH_UNROLL = old
+        draws.SEARCH_UNROLL = old
 
 
 def top_ops(compiled, n: int) -> str:

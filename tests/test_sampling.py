@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from var_jax import sampling
+from var_jax import draws, sampling
 from var_jax.convert import convert_vae, convert_var
 from var_jax.models.resize import resize
 from var_jax.models.var import VAR, begin_ends
@@ -181,14 +181,14 @@ def _softmax(x):
 @pytest.fixture(params=[1, 4], ids=['cpu_search', 'accelerator_search'])
 def search_bits(request, monkeypatch):
     """Runs a test with the thresholds searched 1 bit per pass (CPU) and 4 (TPU / GPU): same results."""
-    monkeypatch.setitem(sampling.SEARCH_BITS, 'cpu', request.param)
+    monkeypatch.setitem(draws.SEARCH_BITS, 'cpu', request.param)
     return request.param
 
 
 @pytest.mark.parametrize('top_k,top_p', [(0, 0.0), (5, 0.0), (0, 0.3), (0, 0.9), (10, 0.5), (64, 1.0)])
 def test_filter_matches_official_masks(top_k, top_p, search_bits):
     logits = np.random.default_rng(0).normal(size=(400, 64)).astype(np.float32) * 2
-    ours = np.asarray(sampling.filter_logits(jnp.asarray(logits), top_k=top_k, top_p=top_p))
+    ours = np.asarray(draws.filter_logits(jnp.asarray(logits), top_k=top_k, top_p=top_p))
     ref = _official_filter(logits, top_k, top_p)
     np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref))
     np.testing.assert_allclose(ours[np.isfinite(ours)], logits[np.isfinite(ours)], rtol=1e-6)
@@ -196,9 +196,9 @@ def test_filter_matches_official_masks(top_k, top_p, search_bits):
 
 def test_filter_keeps_ties(search_bits):
     lg = jnp.array([[3.0, 2.0, 1.0, 1.0, 1.0, 0.0, -1.0, -2.0]])
-    assert np.isfinite(np.asarray(sampling.filter_logits(lg, top_k=3))).sum() == 5  # every tie of the 3rd
+    assert np.isfinite(np.asarray(draws.filter_logits(lg, top_k=3))).sum() == 5  # every tie of the 3rd
     # top-p: the official code would drop some of the tied 1.0s at the cut; all of them are kept.
-    kept = np.isfinite(np.asarray(sampling.filter_logits(lg, top_p=0.8)))[0]
+    kept = np.isfinite(np.asarray(draws.filter_logits(lg, top_p=0.8)))[0]
     assert kept[:5].all() and not kept[5:].any()
 
 
@@ -219,7 +219,7 @@ def test_sample_distribution_chi_square(case, platform):
     logits, kw = CHI2_CASES[case]
     n = 40000
     expected = _softmax(_official_filter(logits[None], **kw))[0]
-    draw = jax.jit(lambda key, lg: sampling.sample_logits(key, lg, **kw)[0])
+    draw = jax.jit(lambda key, lg: draws.sample_logits(key, lg, **kw)[0])
     with sampling.attention.compile_target(platform):  # traced for that platform, run here
         idx = np.asarray(draw(jax.random.PRNGKey(123), jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, 8))))
     counts = np.bincount(idx, minlength=8)
@@ -387,9 +387,9 @@ def test_negative_label_is_the_null_class(tiny):
 def test_top_k_above_the_vocabulary_is_refused():
     """The official torch.topk raises for k > V; k == V keeps everything."""
     x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 64)), jnp.float32)
-    np.testing.assert_array_equal(np.asarray(sampling.filter_logits(x, top_k=64)), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(draws.filter_logits(x, top_k=64)), np.asarray(x))
     with pytest.raises(ValueError, match='top_k=65 exceeds the vocabulary size 64'):
-        sampling.filter_logits(x, top_k=65)
+        draws.filter_logits(x, top_k=65)
 
 
 def test_parse_labels():
