@@ -10,7 +10,8 @@ Models of the config's architecture, random weights (speed does not depend on th
    `VARTrainer.train_step`: `img_to_idxBl`, `idxBl_to_var_input`, forward, cross-entropy, backward, grad clip and
    fused AdamW (the official default).
 After one warm-up call each (ours compiles) the four programs run round-robin, so other processes' load hits
-both sides alike. torch gets os.cpu_count() threads; XLA:CPU uses all cores. Shims, without editing the official
+both sides alike. Both use the cores this process may run on: torch gets that many threads, XLA:CPU sizes its
+pool by them (so `taskset -c 0 python benchmarks/official_ab.py ...` compares one core against one core). Shims, without editing the official
 files: a stand-in `huggingface_hub.PyTorchModelHubMixin` if huggingface_hub is missing (only the Hub mixin of
 VARHF uses it), and the config's tokenizer ch_mult / num_res_blocks passed to the official Encoder and Decoder
 (its VQVAE hard-codes (1, 1, 2, 2, 4) / 2).
@@ -141,7 +142,7 @@ def official(config, vae, var, images, labels, sample_labels):
 
 def main(_):
     import torch
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     models = import_official(FLAGS.official_repo)
     config = common.config()
     if config.var.dtype != 'float32':
@@ -166,8 +167,8 @@ def main(_):
             res[name][1].append(timed(b))
 
     print(f'JAX {jax.__version__}: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}); '
-          f'torch {torch.__version__}: torch.set_num_threads(os.cpu_count()) -> {torch.get_num_threads()} threads; '
-          f'{os.cpu_count()} CPUs, load average {" ".join(f"{x:.1f}" for x in os.getloadavg())}')
+          f'torch {torch.__version__}: {torch.get_num_threads()} threads; '
+          f'{len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs, load average {" ".join(f"{x:.1f}" for x in os.getloadavg())}')
     print(f'VAR d{var.depth} w{var.embed_dim} h{var.num_heads} patch_nums {tuple(var.patch_nums)} V{var.vocab_size} '
           f'Cvae{var.cvae}; VQVAE ch {vqvae.ch} ch_mult {tuple(vqvae.ch_mult)}, {R} px; float32; params (M) ours / '
           f'official: VAR {millions(var_params)} / {millions(var_t)}, VQVAE {millions(vae_params)} / {millions(vae_t)}')
