@@ -89,6 +89,12 @@ def sequence_minor() -> bool:
     return target_platform() == 'tpu'
 
 
+def token_axis(seq_minor: bool) -> int:
+    """The axis of q, k, v and of the KV cache that holds the tokens: the last in the sequence-minor layout
+    (.., hd, L), the second to last in the head-major one (.., L, hd)."""
+    return -1 if seq_minor else -2
+
+
 def attend(q, k, v, *, sizes: Sequence[int], scale: float, implementation: str = 'auto', seq_minor: bool = False):
     """Block-causal attention. q, k, v: head-major (B, H, L, hd), or with seq_minor (B, H, hd, L), with
     L = sum(sizes) -> (B, H, L, hd).
@@ -97,7 +103,7 @@ def attend(q, k, v, *, sizes: Sequence[int], scale: float, implementation: str =
     own, so no transposes are needed around it.
     """
     sizes = tuple(int(s) for s in sizes)
-    n = q.shape[-1 if seq_minor else 2]
+    n = q.shape[token_axis(seq_minor)]
     if n != sum(sizes):
         raise ValueError(f'attention over {n} tokens but the blocks {sizes} hold {sum(sizes)}')
     impl = resolve(implementation, q.dtype)
@@ -123,7 +129,7 @@ def attend_cached(q, k, v, *, scale: float, implementation: str = 'auto', seq_mi
     scale takes 3.5 ms of a 7 ms block on a v5p (XLA's estimate) against splash's 1.3 ms; for a few
     queries the dense logits are small and the kernel's tile padding costs more.
     """
-    axis = -1 if seq_minor else 2
+    axis = token_axis(seq_minor)
     n, total = q.shape[axis], k.shape[axis]
     if resolve(implementation, q.dtype) == 'splash' and n >= CACHED_SPLASH_MIN_QUERIES:
         return _splash(q, k, v, cached_mask(n, total), scale, seq_minor)
@@ -174,9 +180,9 @@ def _splash(q, k, v, mask, scale, seq_minor=False):
     """Splash attention with `mask` (queries x keys, both padded to whole tiles); q (B, H, N, hd) and k, v
     (B, H, S, hd), or all three (B, H, hd, .) with seq_minor, are padded to it where not yet tiled ->
     (B, H, N, hd)."""
-    (Nq, Nk), N = mask.shape, q.shape[-1 if seq_minor else 2]
+    (Nq, Nk), N = mask.shape, q.shape[token_axis(seq_minor)]
     kernel = _splash_kernel(mask, q.shape[1], target_platform() != 'tpu', seq_minor)
-    axis = 3 if seq_minor else 2
+    axis = token_axis(seq_minor)
 
     def pad(t, n):
         widths = [(0, 0)] * 4

@@ -131,7 +131,8 @@ class SelfAttention(nn.Module):
             sizes = tuple(sizes) + (pad,)
         # Head-major (B, H, N, hd), or on TPU sequence-minor (B, H, hd, N): see attention.sequence_minor.
         seq_minor = attn_lib.sequence_minor()
-        spec, d, n = ('bnc,cthd->tbhdn', -2, -1) if seq_minor else ('bnc,cthd->tbhnd', -1, -2)  # head dim, tokens
+        spec, d = ('bnc,cthd->tbhdn', -2) if seq_minor else ('bnc,cthd->tbhnd', -1)  # d: the head dim's axis
+        n = attn_lib.token_axis(seq_minor)
         q, k, v = ReshapedDense(C, 3 * C, trunc_normal(self.init_std), False, self.dtype, name='mat_qkv')(
             x, spec, (C, 3, H, hd))
         per_head = lambda b: jnp.expand_dims(b.reshape(H, hd), n).astype(self.dtype)
@@ -468,7 +469,7 @@ class VAR(nn.Module):
         cache holds keys/values of all coarser scales (`init_cache`, then each step's).
         """
         begin, _ = self.begin_ends[si]
-        held = cache['k'].shape[-1 if attn_lib.sequence_minor() else -2]
+        held = cache['k'].shape[attn_lib.token_axis(attn_lib.sequence_minor())]
         if held != begin:
             raise ValueError(f'scale {si} needs the cache of the {begin} tokens before it, got {held}: call step '
                              f'for the scales in order, starting from init_cache')
