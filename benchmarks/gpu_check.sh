@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The whole check for one lent NVIDIA GPU (H100 / H200), prepared to run once, most important first:
+#   0. the device, the package versions and the bf16 matmul rate JAX reaches;
 #   1. the GPU-only tests (tests/test_gpu.py: cuDNN attention against the reference and XLA, the golden
 #      model's logits on the GPU) and the golden parity tests;
 #   2. the VAR-d16 train step, 256 px, bf16, 64 images (benchmarks/train.py: compile s, step s, img/s, MFU
@@ -11,8 +12,8 @@
 #
 # The device image has JAX, flax, optax and orbax but no ml_collections (nor TensorFlow, which nothing here
 # needs): bring it as a wheel in .whl/ (README, "On a lent GPU"), which this script installs first.
-# CONFIG / BATCH / ITERS / PY override the model for a dry run elsewhere, e.g.
-#   CONFIG=configs/bench.py BATCH=8 ITERS=2 PY=venv/bin/python bash benchmarks/gpu_check.sh
+# CONFIG / BATCH / ITERS / MATMUL_N / PY override the sizes for a dry run elsewhere, e.g.
+#   CONFIG=configs/bench.py BATCH=8 ITERS=2 MATMUL_N=1024 PY=venv/bin/python bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${CONFIG:-configs/var_d16.py}
@@ -30,7 +31,8 @@ fi
 
 step() {  # step LIMIT_S TITLE COMMAND...: runs COMMAND under `timeout`, logs it, goes on whatever happens
     local limit=$1 title=$2; shift 2
-    echo "=== $title ($(date -u +%H:%M:%S), limit ${limit}s): $*" | tee -a "$LOG"
+    local cmd="$*"
+    echo "=== $title ($(date -u +%H:%M:%S), limit ${limit}s): ${cmd%%$'\n'*}" | tee -a "$LOG"
     local t0=$SECONDS
     timeout "$limit" "$@" 2>&1 | grep -v -E 'absl::InitializeLog|^W0000|^I0000' | tee -a "$LOG"
     echo "=== $title: exit ${PIPESTATUS[0]} after $((SECONDS - t0)) s" | tee -a "$LOG"
@@ -39,6 +41,17 @@ step() {  # step LIMIT_S TITLE COMMAND...: runs COMMAND under `timeout`, logs it
 : > "$LOG"
 step 30 device sh -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv;
     $PY -c 'import jax, flax, optax; print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__, jax.devices())'"
+# The bf16 matmul rate JAX reaches here (N^3, the median of 10), the yardstick beside the datasheet peak for MFU.
+step 60 'bf16 matmul rate' env N="${MATMUL_N:-8192}" $PY -c '
+import os, statistics, time, jax, jax.numpy as jnp
+n = int(os.environ["N"])
+a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.bfloat16)
+f = jax.jit(lambda a: a @ a)
+f(a).block_until_ready()
+ts = []
+for _ in range(10):
+    t = time.perf_counter(); f(a).block_until_ready(); ts.append(time.perf_counter() - t)
+print(f"bf16 {n}^3 matmul: {2 * n ** 3 / statistics.median(ts) / 1e12:.1f} TFLOP/s")'
 step 240 tests $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_parity.py
 model=(--config="$CONFIG" --config.transformer.batch_size="$BATCH")
 step 240 'train step, cuDNN attention' $PY benchmarks/train.py "${model[@]}" --peak_tflops "$PEAK_TFLOPS" --iters "$ITERS"
