@@ -42,7 +42,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from var_jax import draws, sampling, sharding  # noqa: E402
 from var_jax.models import attention  # noqa: E402
-from var_jax.models.var import REMAT_POLICIES  # noqa: E402
+from var_jax.models.stacking import REMAT_POLICIES  # noqa: E402
 
 common.define_config_flag()
 flags.DEFINE_string('topology', 'v5p:2x2x1', 'TPU topology, e.g. v4:2x2x1, v5e:2x2, v5p:2x2x4, v6e:2x2')

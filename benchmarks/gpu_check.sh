@@ -40,7 +40,7 @@ step() {  # step LIMIT_S TITLE COMMAND...: runs COMMAND under `timeout`, logs it
 
 : > "$LOG"
 step 30 device sh -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv;
-    $PY -c 'import jax, flax, optax; print(\"jax\", jax.__version__, \"flax\", flax.__version__, \"optax\", optax.__version__, jax.devices())'"
+    $PY -c 'import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())'"
 # The bf16 matmul rate JAX reaches here (N^3, the median of 10), the yardstick beside the datasheet peak for MFU.
 step 60 'bf16 matmul rate' env N="${MATMUL_N:-8192}" $PY -c '
 import os, statistics, time, jax, jax.numpy as jnp
@@ -54,7 +54,8 @@ for _ in range(10):
 print(f"bf16 {n}^3 matmul: {2 * n ** 3 / statistics.median(ts) / 1e12:.1f} TFLOP/s")'
 step 240 tests $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_parity.py
 model=(--config="$CONFIG" --config.transformer.batch_size="$BATCH")
-step 240 'train step, cuDNN attention' $PY benchmarks/train.py "${model[@]}" --peak_tflops "$PEAK_TFLOPS" --iters "$ITERS"
+step 240 'train step, cuDNN attention' $PY benchmarks/train.py "${model[@]}" --peak_tflops "$PEAK_TFLOPS" \
+    --iters "$ITERS"
 step 180 'sampling latency' $PY benchmarks/sample.py --config="$CONFIG" --config.sample.batch_size="$BATCH" \
     --config.sample.cfg=1.5 --iters "$ITERS"
 step 200 'train step, XLA attention' $PY benchmarks/train.py "${model[@]}" --config.var.attention=xla \

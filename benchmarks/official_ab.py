@@ -11,10 +11,10 @@ Models of the config's architecture, random weights (speed does not depend on th
    fused AdamW (the official default).
 After one warm-up call each (ours compiles) the four programs run round-robin, so other processes' load hits
 both sides alike. Both use the cores this process may run on: torch gets that many threads, XLA:CPU sizes its
-pool by them (so `taskset -c 0 python benchmarks/official_ab.py ...` compares one core against one core). Shims, without editing the official
-files: a stand-in `huggingface_hub.PyTorchModelHubMixin` if huggingface_hub is missing (only the Hub mixin of
-VARHF uses it), and the config's tokenizer ch_mult / num_res_blocks passed to the official Encoder and Decoder
-(its VQVAE hard-codes (1, 1, 2, 2, 4) / 2).
+pool by them (so `taskset -c 0 python benchmarks/official_ab.py ...` compares one core against one core).
+Shims, without editing the official files: a stand-in `huggingface_hub.PyTorchModelHubMixin` if huggingface_hub
+is missing (only the Hub mixin of VARHF uses it), and the config's tokenizer ch_mult / num_res_blocks passed to the
+official Encoder and Decoder (its VQVAE hard-codes (1, 1, 2, 2, 4) / 2).
 """
 import contextlib
 import io
@@ -167,8 +167,8 @@ def main(_):
             res[name][1].append(timed(b))
 
     print(f'JAX {jax.__version__}: {jax.device_count()} x {jax.devices()[0].device_kind} ({jax.default_backend()}); '
-          f'torch {torch.__version__}: {torch.get_num_threads()} threads; '
-          f'{len(os.sched_getaffinity(0))} of {os.cpu_count()} CPUs, load average {" ".join(f"{x:.1f}" for x in os.getloadavg())}')
+          f'torch {torch.__version__}: {torch.get_num_threads()} threads; {len(os.sched_getaffinity(0))} of '
+          f'{os.cpu_count()} CPUs, load average {" ".join(f"{x:.1f}" for x in os.getloadavg())}')
     print(f'VAR d{var.depth} w{var.embed_dim} h{var.num_heads} patch_nums {tuple(var.patch_nums)} V{var.vocab_size} '
           f'Cvae{var.cvae}; VQVAE ch {vqvae.ch} ch_mult {tuple(vqvae.ch_mult)}, {R} px; float32; params (M) ours / '
           f'official: VAR {millions(var_params)} / {millions(var_t)}, VQVAE {millions(vae_params)} / {millions(vae_t)}')

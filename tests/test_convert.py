@@ -185,7 +185,7 @@ def test_load_pretrained_of_a_plain_folder_says_how_to_convert(tmp_path):
 def test_params_saved_per_block_load_stacked(golden, tmp_path):
     """Exports written before the VAR's blocks were stacked (blocks_0, blocks_1, ...) load in today's layout."""
     from var_jax import checkpoint
-    from var_jax.models.var import unstack_blocks
+    from var_jax.models.stacking import unstack_blocks
     cfg, params = convert.convert_var(golden_state_dict(golden, 'var/'), GOLDEN_PATCH_NUMS)
     old = unstack_blocks(params)
     assert 'blocks_0' in old and 'blocks' not in old

@@ -22,7 +22,7 @@ def per_block(p):
     """The params with one entry per block (blocks_0, blocks_1, ...), as the official state dicts have them."""
     if 'blocks' not in p:
         return p
-    from var_jax.models.var import unstack_blocks
+    from var_jax.models.stacking import unstack_blocks
     return unstack_blocks(p)
 
 

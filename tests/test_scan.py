@@ -8,7 +8,8 @@ import pytest
 
 from conftest import golden_state_dict
 from var_jax import convert
-from var_jax.models.var import BLOCKS, VAR, stack_blocks, unstack_blocks
+from var_jax.models.stacking import BLOCKS, stack_blocks, unstack_blocks
+from var_jax.models.var import VAR
 
 SMALL = dict(vocab_size=32, cvae=8, num_classes=10, embed_dim=64, num_heads=2, patch_nums=(1, 2, 3, 4), attention='xla')
 

@@ -24,8 +24,9 @@ from var_jax import checkpoint
 from var_jax.fileio import atomic_write
 from var_jax.models import inception, lpips
 from var_jax.models.quantizer import validate_patch_nums
-from var_jax.models.var import (BLOCKS, PATCH_NUMS_256, PATCH_NUMS_512, VAR, block_causal_mask, level_ids,
-                                stack_blocks, unstack_blocks, var_config_for_depth)
+from var_jax.models.stacking import BLOCKS, stack_blocks, unstack_blocks
+from var_jax.models.var import (PATCH_NUMS_256, PATCH_NUMS_512, VAR, block_causal_mask, level_ids,
+                                var_config_for_depth)
 from var_jax.models.vqvae import VQVAE
 
 

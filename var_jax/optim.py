@@ -11,7 +11,7 @@ import ml_collections
 import optax
 from flax import traverse_util
 
-from var_jax.models.var import BLOCKS
+from var_jax.models.stacking import BLOCKS
 
 # Params without weight decay (official: ndim == 1, biases, and these names).
 NO_DECAY_NAMES = ('pos_start', 'pos_1LC', 'lvl_embed', 'ada_gss', 'scale_mul')

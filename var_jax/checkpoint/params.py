@@ -13,7 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from var_jax.checkpoint.train_state import atomic_write_json
-from var_jax.models.var import BLOCKS, stack_blocks
+from var_jax.models.stacking import BLOCKS, stack_blocks
 from var_jax.sharding import PyTree
 
 

@@ -8,8 +8,8 @@ the official state dict so the converter is a renaming plus layout changes.
 Sequences are (B, L, C). The `depth` blocks are one `nn.scan` over stacked params (every block
 param has a leading depth axis, under 'blocks'), so XLA compiles one block whatever the depth;
 `scan=False` unrolls the same params into a loop of blocks. `remat` picks what the backward pass
-recomputes, `attention` the kernel (`var_jax.models.attention`). The converter maps the official
-per-block state dicts onto the stacked layout (`stack_blocks` / `unstack_blocks`).
+recomputes, `attention` the kernel (`var_jax.models.attention`). The stacking, the remat policies and the
+per-block <-> stacked param layouts are `var_jax.models.stacking`.
 """
 import math
 from typing import Any, Callable, Sequence
@@ -21,10 +21,9 @@ import numpy as np
 
 from var_jax.models import attention as attn_lib
 from var_jax.models.quantizer import validate_patch_nums
+from var_jax.models.stacking import BLOCKS, remat_policy, stacked_blocks
 
 MAX_LOG_SCALE_MUL = math.log(100.0)
-BLOCKS = 'blocks'  # the stacked params of all blocks: {BLOCKS: {...: (depth, ...)}}
-REMAT_POLICIES = ('none', 'dots', 'dots_except_fc1', 'full')
 # The official scale schedules: 10 scales up to 16x16 tokens (256 px) and up to 32x32 (512 px, VAR-d36).
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
@@ -238,66 +237,6 @@ class AdaLNSelfAttn(nn.Module):
         return x * mask.astype(x.dtype) / keep.astype(x.dtype)
 
 
-def _remat_policy(remat: str, fc1_kernel_shape=None):
-    """jax.checkpoint policy of `remat`; 'dots_except_fc1' needs fc1's kernel shape (C, hidden)."""
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f'remat={remat!r} is not one of {REMAT_POLICIES} (none: keep every activation; '
-                         f'dots: keep the matmul outputs, recompute the rest; dots_except_fc1: the same but also '
-                         f'recompute the MLP hidden; full: recompute the block)')
-    dots = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    if remat == 'dots_except_fc1':
-        if fc1_kernel_shape is None:  # without it the policy would silently be 'dots'
-            raise ValueError("remat='dots_except_fc1' needs fc1's kernel shape (C, hidden)")
-        # fc1 is the one matmul of a block with a (C, hidden) kernel (qkv's and proj's are reshaped to
-        # head-major, ada_lin's is (C, 6C), fc2's (hidden, C)). Its output, the widest activation of the block,
-        # is recomputed: one more matmul per block. (Saving every other matmul by checkpoint_name instead
-        # was slower in XLA's estimate of the d16 step on a v5p: 0.245 s against 0.234 s, same memory.)
-        return lambda prim, *avals, **params: (not (len(avals) == 2 and avals[1].shape == fc1_kernel_shape)
-                                               and dots(prim, *avals, **params))
-    return {'none': None, 'dots': dots, 'full': None}[remat]
-
-
-def stacked_blocks(block, depth: int, scan: bool, remat: str, fc1_kernel_shape=None):
-    """The `depth` blocks as one module with stacked params: nn.scan over `block`, rematerialised per
-    block when remat != 'none'; scan=False unrolls the loop (same params, one copy of the block per layer
-    in the program)."""
-    if remat != 'none':
-        # static: train and sizes (self is argument 0). In a rolled scan CSE cannot undo the remat.
-        block = nn.remat(block, policy=_remat_policy(remat, fc1_kernel_shape), prevent_cse=not scan,
-                         static_argnums=(5, 6))
-    return nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                   in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast), length=depth,
-                   unroll=1 if scan else depth)
-
-
-def unstack_blocks(params) -> dict:
-    """{'blocks': {... (depth, ...)}} -> {'blocks_0': {...}, 'blocks_1': ...}: the per-block layout of the
-    official state dicts. Works on arrays and on jax.ShapeDtypeStruct trees."""
-    params = dict(params)
-    stacked = params.pop(BLOCKS)
-    depth = jax.tree.leaves(stacked)[0].shape[0]
-
-    def pick(i):
-        return lambda t: (jax.ShapeDtypeStruct(t.shape[1:], t.dtype) if isinstance(t, jax.ShapeDtypeStruct)
-                          else t[i])
-    for i in range(depth):
-        params[f'{BLOCKS}_{i}'] = jax.tree.map(pick(i), stacked)
-    return params
-
-
-def stack_blocks(params) -> dict:
-    """{'blocks_0': {...}, 'blocks_1': ...} -> {'blocks': {... (depth, ...)}}, the layout VAR uses (and
-    params written before blocks were stacked load through it). NumPy in, NumPy out."""
-    params = dict(params)
-    names = sorted((k for k in params if k.startswith(f'{BLOCKS}_')), key=lambda k: int(k.rsplit('_', 1)[1]))
-    if [int(k.rsplit('_', 1)[1]) for k in names] != list(range(len(names))):
-        raise ValueError(f'per-block params must be {BLOCKS}_0 ... {BLOCKS}_<depth-1>, got {names}')
-    blocks = [params.pop(k) for k in names]
-    stack = np.stack if all(isinstance(x, np.ndarray) for x in jax.tree.leaves(blocks)) else jnp.stack
-    params[BLOCKS] = jax.tree.map(lambda *xs: stack(xs), *blocks)
-    return params
-
-
 class Head(nn.Module):
     """The vocabulary projection (nn.Dense's params: kernel (C, V), bias (V,)) in the dtype the caller asks
     for, accumulated in float32: float32 logits for sampling, the blocks' dtype for the training loss."""
@@ -377,7 +316,7 @@ class VAR(nn.Module):
         if self.shared_aln:
             self.shared_ada_lin = nn.Dense(6 * C, kernel_init=init)
         fc1_kernel_shape = (C, round(C * self.mlp_ratio))
-        _remat_policy(self.remat, fc1_kernel_shape)
+        remat_policy(self.remat, fc1_kernel_shape)
         attn_lib.resolve(self.attention, self.dtype)  # a bad name fails here, not deep in a trace
         scan = self.scan if self.scan is not None else attn_lib.target_platform() != 'cpu'
         self.blocks = stacked_blocks(AdaLNSelfAttn, self.depth, scan, self.remat, fc1_kernel_shape)(
