@@ -41,7 +41,7 @@ from jax.experimental import topologies  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from var_jax import draws, sampling, sharding  # noqa: E402
-from var_jax.models import attention  # noqa: E402
+from var_jax.models import attention, platform  # noqa: E402
 from var_jax.models.stacking import REMAT_POLICIES  # noqa: E402
 
 common.define_config_flag()
@@ -145,7 +145,7 @@ def corrected_cost(config, name, mesh, device, batch, compiled):
     scale with every pass of each search written out, minus the same filters with the loops. These parts
     compile with the program's own XLA options (the sampler's: `sampling.TPU_COMPILER_OPTIONS`).
     """
-    options = sampling._compiler_options('tpu') if name == 'sampler' else None
+    options = sampling.compiler_options('tpu') if name == 'sampler' else None
     f, s = cost(compiled)
     if not s > 0:  # XLA gave no usable estimate (negative for some sharded programs): nothing to correct
         s = float('nan')
@@ -210,12 +210,8 @@ def _filters_cost(var, device, batch, sample, unroll, options):
     def draw(logits):
         key = jax.random.PRNGKey(0)
         return [draws.sample_logits(key, z, top_k=int(sample.top_k), top_p=jnp.float32(sample.top_p),
-                                       use_top_p=sample.top_p > 0)[0] for z in logits]
-    old, draws.SEARCH_UNROLL = draws.SEARCH_UNROLL, unroll  # read when traced (at lower)
-    try:
-        return cost(jax.jit(draw).lower(logits).compile(compiler_options=options))
-    finally:
-        draws.SEARCH_UNROLL = old
+                                       use_top_p=sample.top_p > 0, search_unroll=unroll)[0] for z in logits]
+    return cost(jax.jit(draw).lower(logits).compile(compiler_options=options))
 
 
 def top_ops(compiled, n: int) -> str:
@@ -257,7 +253,7 @@ def main(_):
     line = lambda cells: print('| ' + ' | '.join(x.rjust(w) for x, w in zip(cells, widths)) + ' |', flush=True)
     line(HEADER)
     print('|' + '|'.join('-' * (w + 2) for w in widths) + '|', flush=True)
-    with attention.compile_target('tpu'):
+    with platform.compile_target('tpu'):
         for name in FLAGS.programs:
             if name in ('sampler', 'decode'):
                 mesh_p, chips, batch = one, 1, FLAGS.sample_batch
@@ -277,7 +273,7 @@ def main(_):
 
 
 def _resolved(var):
-    with attention.compile_target('tpu'):
+    with platform.compile_target('tpu'):
         return attention.resolve(var.attention, var.dtype)
 
 

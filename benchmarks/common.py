@@ -38,7 +38,7 @@ def config():
 
 def models(config):
     """(VQVAE, VAR) of the config, as training builds them."""
-    return loop.build_models(config)
+    return loop.models_from_config(config)
 
 
 def seq_len(var) -> int:
@@ -120,7 +120,7 @@ def sampler_program(config, vqvae, var, device, batch: int):
     """(the compiled-once scale loop of `sampling.sample`, abstract args) for one device, the config's
     sample settings (cfg on, top-k, top-p); the decode to pixels is `decode_program`."""
     s = config.sample
-    fn = sampling._compiled_loop(vqvae, var, int(s.top_k), bool(s.top_p > 0), bool(s.more_smooth), False)
+    fn = sampling.compiled_loop(vqvae, var, int(s.top_k), bool(s.top_p > 0), bool(s.more_smooth), False)
     on = _on_device(device)
     scalar = on(jax.ShapeDtypeStruct((), jnp.float32))
     args = (on(vae_shapes(vqvae)), on(jax.eval_shape(var_init_fn(var), jax.random.PRNGKey(0))),
@@ -133,7 +133,7 @@ def decode_program(vqvae, device, batch: int):
     """(the sampler's compiled decode f_hat -> images, abstract args) for one device."""
     pn = vqvae.patch_nums[-1]
     on = _on_device(device)
-    return sampling._compiled_decode(vqvae), (on(vae_shapes(vqvae)),
+    return sampling.compiled_decode(vqvae), (on(vae_shapes(vqvae)),
                                               on(jax.ShapeDtypeStruct((batch, pn, pn, vqvae.z_channels), jnp.float32)))
 
 

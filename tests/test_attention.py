@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from var_jax.models import attention
+from var_jax.models import attention, platform
 from var_jax.models.var import block_causal_mask
 
 SIZES = (1, 4, 9, 16, 36, 64, 100, 144)  # L = 374: three 128-token tiles after padding, the last partial
@@ -96,12 +96,12 @@ def test_splash_mask_skips_tiles_and_pads_safely():
 
 
 def test_auto_picks_by_platform_and_dtype():
-    with attention.compile_target('tpu'):
+    with platform.compile_target('tpu'):
         assert attention.resolve('auto', jnp.float32) == 'splash'
-    with attention.compile_target('gpu'):
+    with platform.compile_target('gpu'):
         assert attention.resolve('auto', jnp.bfloat16) == 'cudnn'
         assert attention.resolve('auto', jnp.float32) == 'xla'    # cuDNN flash attention has no float32
-    with attention.compile_target('cpu'):
+    with platform.compile_target('cpu'):
         assert attention.resolve('auto', jnp.bfloat16) == 'xla'
     assert attention.resolve('splash', jnp.float32) == 'splash'
     with pytest.raises(ValueError, match='attention='):

@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from conftest import DATA, ENVIRON, GOLDEN_PATCH_NUMS, golden_state_dict  # noqa: E402
-from var_jax import evaluation, metrics, reference_stats  # noqa: E402
+from var_jax import evaluation, metrics, reference_stats, sampling  # noqa: E402
 from var_jax.models import inception  # noqa: E402
 
 
@@ -194,28 +194,28 @@ def test_dataset_reference_is_the_statistics_of_its_images(files, extractor, tmp
     # Reused as it is; a different crop is a different reference.
     reference_stats.reference_statistics(config, _Refuse(extractor), R)
     config.eval.reference_resize_ratio = 1.125
-    with pytest.raises(reference_stats.ReferenceError, match=r"(?s)other settings.*data.resize_ratio.*1\.0, 1\.125"
+    with pytest.raises(reference_stats.ReferenceStatsError, match=r"(?s)other settings.*data.resize_ratio.*1\.0, 1\.125"
                                                              r".*Delete"):
         reference_stats.reference_statistics(config, _Refuse(extractor), R)
 
 
-def test_fid_of_samples_against_statistics_of_the_same_features(files, extractor):
+def test_fid_of_images_against_statistics_of_the_same_features(files, extractor):
     images = np.random.default_rng(2).integers(0, 256, (6, R, R, 3), dtype=np.uint8)
     direct = _direct_stats(extractor, images)
     stats = metrics.FeatureStats(2048)
     stats.update(direct['pool'])
     mu, sigma = stats.mean_cov()
     # The reference: the statistics of the same images' features with the mean moved by 0.01 per dimension, so
-    # FID = 2048 * 0.01^2 exactly (up to the eigenvalue noise of the 2042-d null space): fid_of_samples computes
+    # FID = 2048 * 0.01^2 exactly (up to the eigenvalue noise of the 2042-d null space): fid_of_images computes
     # the same features and statistics (the covariance term vanishes) and counts the mean term.
-    moved = evaluation.fid_of_samples(images, {'mu': mu + 0.01, 'sigma': sigma}, extractor, batch_size=BATCH)
+    moved = metrics.fid_of_images(images, {'mu': mu + 0.01, 'sigma': sigma}, extractor, batch_size=BATCH)
     assert moved == pytest.approx(2048 * 1e-4, abs=1e-5 * np.trace(sigma))
-    assert evaluation.training_fid_setup(_config(files, **{'eval.inception_path': ''}), R) is None
+    assert reference_stats.training_fid_setup(_config(files, **{'eval.inception_path': ''}), R) is None
 
 
 def test_fid_during_training(files):
     """The transformer stage's on_eval scores eval.train_num_images samples (config.sample's settings) with
-    fid_of_samples against the reference; with no Inception weights and no validation it is switched off."""
+    metrics.fid_of_images against the reference; with no Inception weights and no validation it is switched off."""
     from var_jax import api, sharding
     from var_jax.trainers import transformer
     vqvae, vae_params, var, var_params = api.load_pretrained(files['ckpt'])
@@ -226,10 +226,10 @@ def test_fid_during_training(files):
     mesh = sharding.make_mesh(1)
     got = transformer._validation(config, vqvae, var, vae_params, mesh)(var_params, 0)
     assert set(got) == {'fid'} and np.isfinite(got['fid'])
-    images = transformer._samples(config, vqvae, vae_params, var, var_params)
+    images = transformer._samples(config, mesh, (vqvae, vae_params, var, var_params), 6, '', config.sample.seed + 1)
     assert images.shape == (6, R, R, 3) and not np.array_equal(images[0], images[4])  # two batches, other keys
-    ref, extractor = evaluation.training_fid_setup(config, R, mesh)
-    assert got['fid'] == pytest.approx(evaluation.fid_of_samples(images, ref, extractor), rel=1e-9)
+    ref, extractor = reference_stats.training_fid_setup(config, R, mesh)
+    assert got['fid'] == pytest.approx(metrics.fid_of_images(images, ref, extractor), rel=1e-9)
     off = _config(files, **{'eval.inception_path': '', 'eval.val_batches': 0})
     assert transformer._validation(off, vqvae, var, vae_params, mesh) is None
 
@@ -238,7 +238,7 @@ def test_fid_during_training(files):
 def test_bad_input_fails_before_sampling(files, tmp_path, monkeypatch):
     def no_sampling(*a, **k):
         raise AssertionError('sampled despite bad input')
-    monkeypatch.setattr(evaluation.sampling, 'sample', no_sampling)
+    monkeypatch.setattr(sampling, 'sample', no_sampling)
     url = 'pytorch-fid/releases/download/fid_weights'
     with pytest.raises(inception.InceptionWeightsError, match=f'(?s)inception_path is empty.*{url}'):
         evaluation.run(_config(files, **{'eval.inception_path': ''}), str(tmp_path))
@@ -257,12 +257,12 @@ def test_bad_input_fails_before_sampling(files, tmp_path, monkeypatch):
                           ('big.npz', r'holds 64 px images but the model samples 32 px.*VIRTUAL_imagenet32_labeled'),
                           ('bad_mu.npz', r'mu has shape \(64,\), not \(2048,\)'),
                           ('notes.txt', r'neither an ADM reference batch \(\.npz\) nor a directory')):
-        with pytest.raises(reference_stats.ReferenceError, match=pattern):
+        with pytest.raises(reference_stats.ReferenceStatsError, match=pattern):
             evaluation.run(_config(files, **{'eval.reference': str(tmp_path / name)}), str(tmp_path))
     # A cache written with other Inception weights is refused, not reused.
     cache = tmp_path / 'stale.npz'
     np.savez(cache, settings=np.array(json.dumps({'kind': 'adm_npz', 'inception': 'other'})), pool=np.zeros((4, 2048)))
-    with pytest.raises(reference_stats.ReferenceError, match=r"(?s)other settings.*'inception': \('other'.*Delete"):
+    with pytest.raises(reference_stats.ReferenceStatsError, match=r"(?s)other settings.*'inception': \('other'.*Delete"):
         evaluation.run(_config(files, **{'eval.reference_cache': str(cache)}), str(tmp_path))
     # Shards of another evaluation (other cfg) in the workdir.
     os.makedirs(tmp_path / 'eval' / 'samples')

@@ -70,10 +70,10 @@ def env(request, tmp_path_factory):
         state, steps = (_compile_steps(vqvae, var, tx, vae_params, var_params, weights, pool)
                         if 'test_token_step_equals_image_step' in selected else (None, None))
         synthetic.get_builder(data_dir, seed=0, train_size=TRAIN, test_size=TEST)
-        encode = transformer.make_encoder(vqvae, vae_params, per_device=32)
+        encode = tokens.make_encoder(vqvae, vae_params, per_device=32)
         mp.setattr(tokens, 'SHARD_IMAGES', SHARD)
         env = dict(data_dir=data_dir, vqvae=vqvae, var=var, tx=tx, vae_params=vae_params, var_params=var_params,
-                   weights=weights, encode=encode, fingerprint=transformer.tokenizer_fingerprint(vqvae, vae_params),
+                   weights=weights, encode=encode, fingerprint=tokens.tokenizer_fingerprint(vqvae, vae_params),
                    base=tmp_path_factory.mktemp('caches'), state=state, steps=steps)
         env['root'] = str(env['base'] / 'main')
         build(env, env['root'])
@@ -238,9 +238,9 @@ def test_a_cache_of_other_settings_is_rebuilt(env, caplog):
     # Another tokenizer: any change of a param or of the config changes the fingerprint.
     params = jax.tree.map(np.array, env['vae_params'])
     params['quantize']['embedding'][3, 1] += 1e-3
-    fp = transformer.tokenizer_fingerprint(env['vqvae'], params)
+    fp = tokens.tokenizer_fingerprint(env['vqvae'], params)
     assert fp != env['fingerprint']
-    assert transformer.tokenizer_fingerprint(env['vqvae'].clone(beta=0.5), env['vae_params']) != env['fingerprint']
+    assert tokens.tokenizer_fingerprint(env['vqvae'].clone(beta=0.5), env['vae_params']) != env['fingerprint']
     other = Encoder(env['encode'], shift=1)
     with caplog.at_level(logging.WARNING):
         build(env, root, encode=other, fingerprint=fp)
@@ -338,10 +338,10 @@ def test_transformer_stage_trains_on_the_cache(env, tmp_path, capsys):
     trainers.run(config, workdir)
     out = capsys.readouterr().out
     assert '[pretokenize] cached 40 images x 6 token maps x 21 tokens' in out and '[transformer] step 3/3' in out
-    assert os.path.isdir(loop.export_dir(workdir))
+    assert os.path.isdir(checkpoint.export_dir(workdir))
     np.testing.assert_array_equal(read_cache(os.path.join(workdir, 'tokens', 'host0000of0001'))[0],
                                   read_cache(os.path.join(env['root'], 'host0000of0001'))[0])
-    vqvae, _ = loop.build_models(config, 10)
+    vqvae, _ = loop.models_from_config(config, 10)
     batch = next(transformer.pretokenized_batches(config, workdir, vqvae, env['vae_params'])(2))
     assert '[pretokenize]' not in capsys.readouterr().out   # reused, not encoded again
     expected = next(tokens.make_token_iterator(env['root'], 8, seed=SEED, start_step=2, process_index=0,

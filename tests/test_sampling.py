@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from var_jax import draws, sampling
+from var_jax import draws, sample_batches, sampling
 from var_jax.convert import convert_vae, convert_var
+from var_jax.models.platform import compile_target
 from var_jax.models.resize import resize
 from var_jax.models.var import VAR, begin_ends
 from var_jax.models.vqvae import VQVAE
@@ -220,7 +221,7 @@ def test_sample_distribution_chi_square(case, platform):
     n = 40000
     expected = _softmax(_official_filter(logits[None], **kw))[0]
     draw = jax.jit(lambda key, lg: draws.sample_logits(key, lg, **kw)[0])
-    with sampling.attention.compile_target(platform):  # traced for that platform, run here
+    with compile_target(platform):  # traced for that platform, run here
         idx = np.asarray(draw(jax.random.PRNGKey(123), jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (n, 8))))
     counts = np.bincount(idx, minlength=8)
     support = expected > 0
@@ -336,7 +337,7 @@ def test_sample_rejects_bad_inputs(tiny, kwargs, match):
 
 
 @pytest.mark.parametrize('what,match', [
-    ('image', 'image must be'), ('range', r'in \[-1, 1\]'), ('mask', 'mask must be'), ('mask_batch', 'mask must be'),
+    ('image', 'images must be NHWC'), ('range', r'in \[-1, 1\]'), ('mask', 'mask must be'), ('mask_batch', 'mask must be'),
     ('labels', 'labels must be'), ('top_p', 'top_p'),
 ])
 def test_edit_rejects_bad_inputs(tiny, what, match):
@@ -393,11 +394,11 @@ def test_top_k_above_the_vocabulary_is_refused():
 
 
 def test_parse_labels():
-    np.testing.assert_array_equal(sampling.parse_labels('', 5, 3), [0, 1, 2, 0, 1])
-    np.testing.assert_array_equal(sampling.parse_labels('7', 3, 10), [7, 7, 7])
-    np.testing.assert_array_equal(sampling.parse_labels('1, 2,-1', 4, 10), [1, 2, -1, 1])
+    np.testing.assert_array_equal(sample_batches.parse_labels('', 5, 3), [0, 1, 2, 0, 1])
+    np.testing.assert_array_equal(sample_batches.parse_labels('7', 3, 10), [7, 7, 7])
+    np.testing.assert_array_equal(sample_batches.parse_labels('1, 2,-1', 4, 10), [1, 2, 10, 1])
     with pytest.raises(ValueError, match='sample.labels=.*comma-separated'):
-        sampling.parse_labels('cat', 4, 10)
+        sample_batches.parse_labels('cat', 4, 10)
 
 
 def test_sampling_imports_no_api_training_or_tensorflow():

@@ -64,7 +64,7 @@ def test_the_scanned_program_does_not_grow_with_depth():
     assert _lowered_lines(2, scan=True) == _lowered_lines(6, scan=True)
     assert _lowered_lines(6, scan=False) > _lowered_lines(2, scan=False) + 500  # the unrolled one does
     # The default (None) scans for accelerators and unrolls on CPU, where the unrolled blocks run faster.
-    from var_jax.models.attention import compile_target
+    from var_jax.models.platform import compile_target
     with compile_target('tpu'):
         assert _lowered_lines(2, scan=None) == _lowered_lines(6, scan=None)
     assert _lowered_lines(6, scan=None) == _lowered_lines(6, scan=False)

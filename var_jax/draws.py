@@ -1,13 +1,13 @@
 """Token draws from logits for the sampler (VAR_SPEC 2.11): temperature, top-k and top-p as thresholds
 found by search (no sort), and one categorical draw per row. Traced per target platform
-(`attention.target_platform()`): the searches' width and the draw's method differ between CPU and
+(`platform.target_platform()`): the searches' width and the draw's method differ between CPU and
 TPU / GPU, the thresholds and the distribution do not."""
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
-from var_jax.models import attention
+from var_jax.models.platform import target_platform
 
 
 def _order_key(x):
@@ -26,29 +26,26 @@ def _as_float(t):
 # memory traffic is not: XLA's estimate of d16's token draws on a v5p falls from 35 to 14 ms). On CPU 1: 32
 # passes of one compare, the fewest operations (4 bits made the CPU draws 2-6x slower). Same thresholds.
 SEARCH_BITS = {'cpu': 1, 'gpu': 4, 'tpu': 4}
-# Passes of a threshold search written out per loop body: 1 in use (one small body to compile).
-# benchmarks/aot.py writes out all of them so that XLA's cost analysis, which counts a loop body once, counts them.
-SEARCH_UNROLL = 1
-
-
-def _largest_true(pred, shape):
+def _largest_true(pred, shape, unroll: int = 1):
     """Per row, the largest uint32 t with pred(t) true, for pred true at 0 and monotone (true, then false).
 
     Builds t from the top digit down, SEARCH_BITS bits per pass: pred gets the candidates (..., m) of the
     next digit (t plus each of its m = 2^bits - 1 non-zero values) and says (..., m) which hold; being
-    monotone, their count is the digit.
+    monotone, their count is the digit. unroll: passes written out per loop body; 1 in use (one small body
+    to compile), all of them for benchmarks/aot.py, since XLA's cost analysis counts a loop body once.
     """
-    bits = SEARCH_BITS[attention.target_platform()]
+    bits = SEARCH_BITS[target_platform()]
     digits = jnp.arange(1, 2 ** bits, dtype=jnp.uint32)
 
     def body(i, t):
         shift = (32 - bits * (i + 1)).astype(jnp.uint32)
         ok = pred(t + (digits << shift))
         return t + (jnp.sum(ok, axis=-1, keepdims=True).astype(jnp.uint32) << shift)
-    return jax.lax.fori_loop(0, 32 // bits, body, jnp.zeros(shape, jnp.uint32), unroll=SEARCH_UNROLL)
+    return jax.lax.fori_loop(0, 32 // bits, body, jnp.zeros(shape, jnp.uint32), unroll=unroll)
 
 
-def filter_logits(logits, *, top_k: int = 0, top_p=0.0, temperature=1.0, use_top_p: Optional[bool] = None):
+def filter_logits(logits, *, top_k: int = 0, top_p=0.0, temperature=1.0, use_top_p: Optional[bool] = None,
+                  search_unroll: int = 1):
     """Temperature, then top-k, then top-p; removed entries become -inf (official order, VAR_SPEC 2.11).
 
     top_k (static int, 0 = off): keep logits >= the k-th largest (ties kept, so > k may survive).
@@ -61,6 +58,7 @@ def filter_logits(logits, *, top_k: int = 0, top_p=0.0, temperature=1.0, use_top
     largest probability t with P(p < t) <= 1 - top_p, i.e. the smallest probability whose ascending
     cumulative sum exceeds 1 - top_p. Everything tied with a cut value is kept. The top-p search runs
     on the probabilities themselves (non-negative floats order as their bits), so each pass reads one array.
+    search_unroll: see `_largest_true`.
     """
     logits = logits.astype(jnp.float32) / temperature
     V = logits.shape[-1]
@@ -76,12 +74,12 @@ def filter_logits(logits, *, top_k: int = 0, top_p=0.0, temperature=1.0, use_top
     each = lambda x: x[..., None, :]        # (..., 1, V) against candidates (..., m, 1)
     if top_k > 0:
         key = _order_key(logits)
-        kth = _largest_true(lambda t: jnp.sum(each(key) >= t[..., None], axis=-1) >= top_k, rows)
+        kth = _largest_true(lambda t: jnp.sum(each(key) >= t[..., None], axis=-1) >= top_k, rows, search_unroll)
         logits = jnp.where(key < kth, -jnp.inf, logits)
     if use_top_p:
         p = jax.nn.softmax(logits, axis=-1)
         below = lambda t: jnp.where(each(p) < _as_float(t)[..., None], each(p), 0.0)
-        cut = _largest_true(lambda t: jnp.sum(below(t), axis=-1) <= 1 - top_p, rows)
+        cut = _largest_true(lambda t: jnp.sum(below(t), axis=-1) <= 1 - top_p, rows, search_unroll)
         logits = jnp.where(p < _as_float(cut), -jnp.inf, logits)
     return logits
 
@@ -94,7 +92,7 @@ def categorical(key, logits):
     inverse CDF's cumulative sum over the vocabulary is the slow part (d16's draws on a v5p, XLA's estimate:
     4.9 ms against 0.3 ms). The same distribution, not the same draws: a key samples differently on a CPU.
     """
-    if attention.target_platform() != 'cpu':
+    if target_platform() != 'cpu':
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
     probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
     cdf = jnp.cumsum(probs, axis=-1)
@@ -103,7 +101,9 @@ def categorical(key, logits):
     return jnp.sum(cdf <= u, axis=-1).astype(jnp.int32)  # first entry whose cdf exceeds u
 
 
-def sample_logits(key, logits, *, top_k: int = 0, top_p=0.0, temperature=1.0, use_top_p: Optional[bool] = None):
+def sample_logits(key, logits, *, top_k: int = 0, top_p=0.0, temperature=1.0, use_top_p: Optional[bool] = None,
+                  search_unroll: int = 1):
     """Draws one token per row of `logits` (..., V) after `filter_logits`: (idx int32, filtered logits)."""
-    masked = filter_logits(logits, top_k=top_k, top_p=top_p, temperature=temperature, use_top_p=use_top_p)
+    masked = filter_logits(logits, top_k=top_k, top_p=top_p, temperature=temperature, use_top_p=use_top_p,
+                           search_unroll=search_unroll)
     return categorical(key, masked), masked

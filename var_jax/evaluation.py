@@ -10,11 +10,8 @@ features under workdir/eval/samples (an interrupted evaluation resumes from the 
 scores them against the reference statistics (`reference_stats.py`) and writes eval/results.json,
 TensorBoard scalars (eval/tb) and the samples as an ADM sample batch (eval/samples_NxRxRx3.npz,
 uint8 NHWC in arr_0, labels in arr_1) for a cross-check with the ADM suite.
-
-During training, `training_fid_setup` + `fid_of_samples` score samples against the cached reference.
 """
 import json
-import logging
 import os
 import time
 import zipfile
@@ -23,8 +20,9 @@ from typing import Optional
 import jax
 import numpy as np
 
-from var_jax import checkpoint, generate, metrics, reference_stats, sampling, sharding
+from var_jax import checkpoint, generate, metrics, reference_stats, sample_batches, sharding
 from var_jax.fileio import atomic_write
+from var_jax.models import inception
 
 SAMPLE_KEYS = ('cfg', 'top_k', 'top_p', 'temperature', 'more_smooth', 'seed', 'labels')
 
@@ -48,22 +46,14 @@ def _check_config(config) -> int:
     return e.batch_size
 
 
-def _model_source(config, workdir: str) -> str:
-    for path in [os.path.join(workdir, 'export')] + ([config.init_from] if config.init_from else []):
-        cfg_path = os.path.join(path, 'model.json')
-        if os.path.exists(cfg_path):
-            with open(cfg_path) as f:
-                if 'var' in json.load(f):
-                    return os.path.abspath(path)
-    return ''
-
-
-def _global(x):
-    """Host numpy of a (possibly multi-host) sharded array."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+def _load_inception(path: str):
+    """FID-Inception params from the converted .npz, or (needs torch) straight from pytorch-fid's .pth."""
+    if path.endswith('.pth'):
+        from var_jax import convert
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'Inception weights {path} not found. {inception.WHERE_TO_GET}')
+        return convert.convert_inception(convert.load_torch_state_dict(path))
+    return inception.load_params(path)
 
 
 def _shard_path(shard_dir: str, i: int) -> str:
@@ -106,33 +96,28 @@ def _sample_shards(config, workdir, models, extractor, settings, batch: int) -> 
     vqvae, vae_params, var, var_params = models
     shard_dir = os.path.join(workdir, 'eval', 'samples')
     _check_settings(shard_dir, settings)
-    labels = sampling.parse_labels(s.labels, e.num_images, var.num_classes)  # '' = 0, 1, 2, ...: N / C per class
-    labels = np.where(labels < 0, var.num_classes, labels)
+    labels = sample_batches.parse_labels(s.labels, e.num_images, var.num_classes)  # '': N / C per class
     mesh, n = extractor.mesh, e.num_images // batch
-    rep = sharding.replicated(mesh)
-    vae_params, var_params = jax.device_put((vae_params, var_params), rep)
+    vae_params, var_params = jax.device_put((vae_params, var_params), sharding.replicated(mesh))
+    models = (vqvae, vae_params, var, var_params)
     to_uint8 = jax.jit(lambda x: (jax.numpy.clip(x, 0, 1) * 255).astype(jax.numpy.uint8))  # as metrics.to_uint8
-    key = jax.random.PRNGKey(s.seed)
     paths = [_shard_path(shard_dir, i) for i in range(n)]
     todo = [i for i in range(n) if _load_shard(paths[i], batch, vqvae.image_size) is None]
     if len(todo) < n and jax.process_index() == 0:
         print(f'eval: {n - len(todo)} of {n} shards already sampled in {shard_dir}; sampling the rest', flush=True)
     t0 = time.time()
     bar = tqdm(total=n, initial=n - len(todo), desc='eval sampling', unit='shard', disable=jax.process_index() != 0)
-    for i in todo:
-        chunk = labels[i * batch:(i + 1) * batch]
-        out = sampling.sample(vqvae, vae_params, var, var_params,
-                              jax.make_array_from_callback(chunk.shape, sharding.batch_sharding(mesh),
-                                                           lambda idx: chunk[idx]),
-                              jax.random.fold_in(key, i), cfg=s.cfg, top_k=s.top_k, top_p=s.top_p,
-                              temperature=s.temperature, more_smooth=s.more_smooth)
+    batches = sample_batches.sample_batches(models, labels, jax.random.PRNGKey(s.seed), sample_batches.settings(s),
+                                            batch_size=batch, mesh=mesh, batches=todo)
+    for done, (i, _, out) in enumerate(batches, 1):
         images = to_uint8(out['images'])
         feats = extractor(images)
+        images = sharding.to_host(images)  # a collective: every host, before process 0 writes
         if jax.process_index() == 0:
             with atomic_write(paths[i]) as tmp:
-                np.savez(tmp, images=_global(images), labels=chunk, **feats)
+                np.savez(tmp, images=images, labels=labels[i * batch:(i + 1) * batch], **feats)
         bar.update(1)
-        bar.set_postfix_str(f'{(todo.index(i) + 1) * batch / (time.time() - t0):.1f} img/s')
+        bar.set_postfix_str(f'{done * batch / (time.time() - t0):.1f} img/s')
     bar.close()
     return paths, (len(todo) * batch / (time.time() - t0) if todo else None)
 
@@ -163,20 +148,8 @@ def score(shard_paths, ref: dict, config, mesh=None) -> dict:
             spatial.update(shard['spatial'])
             pool_feats.append(shard['pool'])
             logits.append(shard['logits_unbiased'])
-    return summarize(pool, spatial, np.concatenate(pool_feats), np.concatenate(logits), ref, e.is_splits, e.pr_k,
-                     mesh)
-
-
-def summarize(pool, spatial, pool_features, logits, ref: dict, is_splits: int = 10, pr_k: int = 3,
-              mesh=None) -> dict:
-    """FID and sFID from streamed statistics, IS from the logits, precision/recall from the pool features."""
-    mu, sigma = pool.mean_cov()
-    mu_s, sigma_s = spatial.mean_cov()
-    is_mean, is_std = metrics.inception_score(logits, is_splits)
-    precision, recall = metrics.precision_recall(ref['pool'], pool_features, pr_k, mesh=mesh)
-    return {'fid': metrics.frechet_distance(mu, sigma, ref['mu'], ref['sigma']),
-            'sfid': metrics.frechet_distance(mu_s, sigma_s, ref['mu_s'], ref['sigma_s']),
-            'inception_score': is_mean, 'inception_score_std': is_std, 'precision': precision, 'recall': recall}
+    return metrics.summarize(pool, spatial, np.concatenate(pool_feats), np.concatenate(logits), ref, e.is_splits,
+                             e.pr_k, mesh)
 
 
 def run(config, workdir: str) -> dict:
@@ -186,13 +159,13 @@ def run(config, workdir: str) -> dict:
     """
     e, s = config.eval, config.sample
     batch = _check_config(config)
-    params = reference_stats.load_inception(e.inception_path)  # before anything slow: a missing file fails at once
+    params = _load_inception(e.inception_path)  # before anything slow: a missing file fails at once
     mesh = sharding.make_mesh(1)
     extractor = metrics.InceptionFeatures(params, mesh)
     models = generate.load_models(config, workdir)
     size = models[0].image_size
     ref = reference_stats.reference_statistics(config, extractor, size)
-    source = _model_source(config, workdir)
+    source = checkpoint.find_trained_var(workdir, config.init_from)
     settings = {'checkpoint': source, 'num_images': e.num_images, 'batch_size': batch, 'image_size': size,
                 'inception': extractor.fingerprint, **{k: s[k] for k in SAMPLE_KEYS}}
     t0 = time.time()
@@ -222,33 +195,3 @@ def run(config, workdir: str) -> dict:
               f'precision {results["precision"]:.3f}  recall {results["recall"]:.3f}  -> '
               f'{os.path.join(out_dir, "results.json")}')
     return results
-
-
-# ------------------------------------------------------------------------------------------------
-# FID during training
-# ------------------------------------------------------------------------------------------------
-def training_fid_setup(config, image_size: int, mesh=None):
-    """(reference, extractor) for `fid_of_samples`, or None (with one log line) without Inception weights."""
-    if not config.eval.inception_path:
-        logging.warning('FID during training is off: no Inception weights (set --config.eval.inception_path to the '
-                     '.npz of python -m var_jax.convert --inception %s)', reference_stats.inception.PTH_FILE)
-        return None
-    extractor = metrics.InceptionFeatures(reference_stats.load_inception(config.eval.inception_path), mesh)
-    return reference_stats.reference_statistics(config, extractor, image_size), extractor
-
-
-def fid_of_samples(images, ref: dict, extractor: 'metrics.InceptionFeatures', batch_size: int = 64) -> float:
-    """FID of images ((N, R, R, 3) in [0, 1], or uint8), the same on every host, against a reference_stats."""
-    images = np.asarray(images)
-    images = images if images.dtype == np.uint8 else metrics.to_uint8(images)
-    n_dev = extractor.mesh.devices.size
-    batch = -(-min(batch_size, len(images)) // n_dev) * n_dev
-    stats = metrics.FeatureStats(2048)
-    for lo in range(0, len(images), batch):
-        chunk = images[lo:lo + batch]
-        padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], np.uint8)])
-        batch_array = jax.make_array_from_callback(padded.shape, sharding.batch_sharding(extractor.mesh),
-                                                   lambda idx: padded[idx])  # every host holds all images
-        stats.update(extractor(batch_array)['pool'][:len(chunk)])
-    mu, sigma = stats.mean_cov()
-    return metrics.frechet_distance(mu, sigma, ref['mu'], ref['sigma'])

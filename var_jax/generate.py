@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax import api, sampling, sharding
+from var_jax import api, checkpoint, sample_batches, sharding
 from var_jax.fileio import atomic_write
 from var_jax.images import save_png
 from var_jax.models.vqvae import VQVAE
@@ -20,16 +20,14 @@ from var_jax.models.vqvae import VQVAE
 
 def load_models(config, workdir: str):
     """(vqvae, vae_params, var, var_params) of the run in workdir, else of config.init_from."""
-    candidates = [os.path.join(workdir, 'export')] + ([config.init_from] if config.init_from else [])
-    for path in candidates:
-        if os.path.exists(os.path.join(path, 'model.json')):
-            vqvae, vp, var, tp = api.load_pretrained(path)
-            if var is not None:
-                return vqvae, vp, var, tp
-    raise FileNotFoundError(
-        f'nothing to sample from: none of {candidates} holds a trained VAR (model.json with a "var" '
-        f'entry). Train first (python main.py --config=... --workdir={workdir}) or set '
-        f'--config.init_from to a directory written by python -m var_jax.convert --vae ... --var ...')
+    path = checkpoint.find_trained_var(workdir, config.init_from)
+    if path is None:
+        candidates = [checkpoint.export_dir(workdir)] + ([config.init_from] if config.init_from else [])
+        raise FileNotFoundError(
+            f'nothing to sample from: none of {candidates} holds a trained VAR (model.json with a "var" '
+            f'entry). Train first (python main.py --config=... --workdir={workdir}) or set '
+            f'--config.init_from to a directory written by python -m var_jax.convert --vae ... --var ...')
+    return api.load_pretrained(path)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -48,29 +46,30 @@ def run(config, workdir: str):
     from tqdm import tqdm
     s = config.sample
     vqvae, vae_params, var, var_params = load_models(config, workdir)
-    labels = sampling.parse_labels(s.labels, s.num_images, var.num_classes)  # sample() checks the range
-    labels = np.where(labels < 0, var.num_classes, labels)  # negative = the null class, as sample() reads it
+    labels = sample_batches.parse_labels(s.labels, s.num_images, var.num_classes)
     mesh = sharding.make_mesh(1)
-    n_dev = jax.device_count()
-    batch = max(n_dev, -(-min(s.batch_size, s.num_images) // n_dev) * n_dev)  # a multiple of the devices
-    rep = sharding.replicated(mesh)
-    vae_params, var_params = jax.device_put((vae_params, var_params), rep)
-    key = jax.random.PRNGKey(s.seed)
+    batch = sample_batches.batch_size_for(s.batch_size, s.num_images, mesh)
+    vae_params, var_params = jax.device_put((vae_params, var_params), sharding.replicated(mesh))
+    models = (vqvae, vae_params, var, var_params)
     images, idx_all = [], []
-    for i in tqdm(range(math.ceil(len(labels) / batch)), desc='sampling', unit='batch'):
-        chunk = labels[i * batch:(i + 1) * batch]
-        padded = np.resize(chunk, batch)  # the last batch is padded to keep one compiled shape
-        out = sampling.sample(vqvae, vae_params, var, var_params,
-                              jax.device_put(padded, sharding.batch_sharding(mesh)), jax.random.fold_in(key, i),
-                              cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, temperature=s.temperature,
-                              more_smooth=s.more_smooth)
-        images.append(np.asarray(out['images'])[:len(chunk)])
-        idx_all.append([np.asarray(x)[:len(chunk)] for x in out['idx']])
+    batches = sample_batches.sample_batches(models, labels, jax.random.PRNGKey(s.seed),
+                                            sample_batches.settings(s), batch_size=batch, mesh=mesh)
+    for _, n, out in tqdm(batches, total=math.ceil(len(labels) / batch), desc='sampling', unit='batch',
+                          disable=jax.process_index() != 0):
+        images.append(sharding.to_host(out['images'])[:n])
+        idx_all.append([sharding.to_host(x)[:n] for x in out['idx']])
     images = np.concatenate(images)
     idx = [np.concatenate([b[si] for b in idx_all]) for si in range(len(var.patch_nums))]
+    if jax.process_index() == 0:
+        _write(config, workdir, vqvae, vae_params, var, labels, images, idx)
+    return images, idx
+
+
+def _write(config, workdir, vqvae, vae_params, var, labels, images, idx):
+    """samples/grid.png, samples/progression.png (the first 8 images after every scale) and samples/tokens.npz."""
     out_dir = os.path.join(workdir, 'samples')
     os.makedirs(out_dir, exist_ok=True)
-    grid = save_png(os.path.join(out_dir, 'grid.png'), images, ncols=s.ncols)
+    grid = save_png(os.path.join(out_dir, 'grid.png'), images, ncols=config.sample.ncols)
     n_prog = min(8, len(labels))
     prog = np.asarray(progression(vqvae, vae_params, [jnp.asarray(x[:n_prog]) for x in idx]))
     # One row per image, one column per scale (coarse to fine).
@@ -79,4 +78,3 @@ def run(config, workdir: str):
     with atomic_write(os.path.join(out_dir, 'tokens.npz')) as tmp:
         np.savez(tmp, labels=labels, **{f'idx_{si:02d}': x for si, x in enumerate(idx)})
     print(f'wrote {grid}, {steps} and {os.path.join(out_dir, "tokens.npz")} ({len(labels)} images)')
-    return images, idx

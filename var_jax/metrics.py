@@ -13,14 +13,13 @@ paper uses:
   the devices block by block with the rows sharded over all devices.
 """
 import functools
-import hashlib
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax import sharding
+from var_jax import checkpoint, sharding
 
 
 class FeatureStats:
@@ -157,6 +156,18 @@ def precision_recall(ref_features, sample_features, k: int = 3, block: int = 204
     return float(np.mean(precise)), float(np.mean(recalled))
 
 
+def summarize(pool, spatial, pool_features, logits, ref: dict, is_splits: int = 10, pr_k: int = 3,
+              mesh=None) -> dict:
+    """FID and sFID from streamed statistics, IS from the logits, precision/recall from the pool features."""
+    mu, sigma = pool.mean_cov()
+    mu_s, sigma_s = spatial.mean_cov()
+    is_mean, is_std = inception_score(logits, is_splits)
+    precision, recall = precision_recall(ref['pool'], pool_features, pr_k, mesh=mesh)
+    return {'fid': frechet_distance(mu, sigma, ref['mu'], ref['sigma']),
+            'sfid': frechet_distance(mu_s, sigma_s, ref['mu_s'], ref['sigma_s']),
+            'inception_score': is_mean, 'inception_score_std': is_std, 'precision': precision, 'recall': recall}
+
+
 # ------------------------------------------------------------------------------------------------
 # Inception features of image batches, sharded over the devices
 # ------------------------------------------------------------------------------------------------
@@ -173,10 +184,7 @@ class InceptionFeatures:
     def __init__(self, params, mesh: Optional[jax.sharding.Mesh] = None):
         from var_jax.models.inception import InceptionV3
         self.mesh = mesh or sharding.make_mesh(1)
-        digest = hashlib.sha1()
-        for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda kv: str(kv[0])):
-            digest.update(str(path).encode() + np.asarray(leaf, np.float32).tobytes())
-        self.fingerprint = digest.hexdigest()[:16]
+        self.fingerprint = checkpoint.fingerprint(params)[:16]
         self.params = jax.device_put(params, sharding.replicated(self.mesh))
         model = InceptionV3()
 
@@ -204,3 +212,21 @@ class InceptionFeatures:
 def to_uint8(images) -> np.ndarray:
     """Images in [0, 1] -> uint8 as the official VAR demo saves samples (x 255, then truncation)."""
     return (np.clip(np.asarray(images, np.float32), 0, 1) * 255).astype(np.uint8)
+
+
+def fid_of_images(images, ref: dict, extractor: 'InceptionFeatures', batch_size: int = 64) -> float:
+    """FID of images ((N, R, R, 3) in [0, 1], or uint8; every host holds all of them) against reference
+    statistics {'mu', 'sigma'}: the same value on every host."""
+    images = np.asarray(images)
+    images = images if images.dtype == np.uint8 else to_uint8(images)
+    n_dev = extractor.mesh.devices.size
+    batch = -(-min(batch_size, len(images)) // n_dev) * n_dev
+    stats = FeatureStats(2048)
+    for lo in range(0, len(images), batch):
+        chunk = images[lo:lo + batch]
+        padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], np.uint8)])
+        batch_array = jax.make_array_from_callback(padded.shape, sharding.batch_sharding(extractor.mesh),
+                                                   lambda idx: padded[idx])
+        stats.update(extractor(batch_array)['pool'][:len(chunk)])
+    mu, sigma = stats.mean_cov()
+    return frechet_distance(mu, sigma, ref['mu'], ref['sigma'])

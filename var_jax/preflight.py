@@ -9,12 +9,12 @@ import os
 
 import jax
 
-from var_jax import checkpoint, sampling
+from var_jax import checkpoint, sample_batches, sampling
+from var_jax.trainers import STAGES, stages_of
 from var_jax.models.quantizer import matmul_precision
 from var_jax.models.vqvae import decode_dtype
 
 MODES = ('train', 'sample', 'eval')
-STAGES = ('tokenizer', 'transformer')
 
 
 class ConfigError(ValueError):
@@ -23,11 +23,6 @@ class ConfigError(ValueError):
 
 def _int(value, low):
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= low
-
-
-def stages_of(config) -> list:
-    """The stage names of config.stages, in order."""
-    return [s.strip() for s in str(config.stages).split(',') if s.strip()]
 
 
 def check(config, mode: str, workdir: str) -> None:
@@ -107,7 +102,7 @@ def _sample_problems(s, vocab_size: int, n_dev: int) -> list:
     except ValueError as e:
         problems.append(f'sample.{e}')
     try:
-        sampling.parse_labels(s.labels, 1, 1 << 30)
+        sample_batches.parse_labels(s.labels, 1, 1 << 30)
     except ValueError as e:
         problems.append(str(e))
     return problems

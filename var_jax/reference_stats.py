@@ -12,6 +12,7 @@ and cached as .npz beside the data (or at config.eval.reference_cache) with the 
 them; a cache whose settings differ from the current ones is an error, never silently reused.
 """
 import json
+import logging
 import os
 import zipfile
 
@@ -30,18 +31,8 @@ _TRAIN_ONLY = ('random_flip', 'shuffle_buffer', 'in_memory_max_mb', 'train_split
                'pretokenize', 'pretokenize_crops')
 
 
-class ReferenceError(ValueError):
+class ReferenceStatsError(ValueError):
     """A reference that cannot serve: wrong kind or resolution, or a cache of other settings."""
-
-
-def load_inception(path: str):
-    """FID-Inception params from the converted .npz, or (needs torch) straight from pytorch-fid's .pth."""
-    if path.endswith('.pth'):
-        from var_jax import convert
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f'Inception weights {path} not found. {inception.WHERE_TO_GET}')
-        return convert.convert_inception(convert.load_torch_state_dict(path))
-    return inception.load_params(path)
 
 
 def _npz_header(path: str, name: str):
@@ -57,7 +48,7 @@ def _npz_header(path: str, name: str):
                 shape, _, dtype = read(f)
                 return (shape, dtype), names
     except (OSError, zipfile.BadZipFile, ValueError) as e:
-        raise ReferenceError(f'{path} is not a readable .npz ({type(e).__name__}: {e})') from None
+        raise ReferenceStatsError(f'{path} is not a readable .npz ({type(e).__name__}: {e})') from None
 
 
 def _npz_batches(path: str, name: str, batch: int):
@@ -83,22 +74,22 @@ def _check_adm(path: str, image_size: int, min_images: int) -> bool:
                                 f'VIRTUAL_imagenet256_labeled.npz from guided-diffusion\'s evaluations/README)')
     header, names = _npz_header(path, 'arr_0')
     if header is None:
-        raise ReferenceError(f'{path} is not an ADM reference batch: it has no arr_0 (the images); it holds {names}')
+        raise ReferenceStatsError(f'{path} is not an ADM reference batch: it has no arr_0 (the images); it holds {names}')
     (shape, dtype) = header
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[1] != shape[2]:
-        raise ReferenceError(f'{path}: arr_0 holds {dtype} {shape}, not uint8 (N, R, R, 3) RGB images as an ADM '
+        raise ReferenceStatsError(f'{path}: arr_0 holds {dtype} {shape}, not uint8 (N, R, R, 3) RGB images as an ADM '
                              f'reference batch does')
     if shape[1] != image_size:
-        raise ReferenceError(f'{path} holds {shape[1]} px images but the model samples {image_size} px; use the '
+        raise ReferenceStatsError(f'{path} holds {shape[1]} px images but the model samples {image_size} px; use the '
                              f'reference batch of that resolution (e.g. VIRTUAL_imagenet{image_size}_labeled.npz)')
     if shape[0] < min_images:
-        raise ReferenceError(f'{path} holds {shape[0]} images; precision/recall need at least {min_images}')
+        raise ReferenceStatsError(f'{path} holds {shape[0]} images; precision/recall need at least {min_images}')
     has = {k for k in _STATS if _npz_header(path, k)[0] is not None}
     if has and has != set(_STATS):
-        raise ReferenceError(f'{path} has {sorted(has)} but not all of {sorted(_STATS)}')
+        raise ReferenceStatsError(f'{path} has {sorted(has)} but not all of {sorted(_STATS)}')
     for k in (k for k in _STATS if k in has):
         if tuple(_npz_header(path, k)[0][0]) != _STATS[k]:
-            raise ReferenceError(f'{path}: {k} has shape {_npz_header(path, k)[0][0]}, not {_STATS[k]}: not the '
+            raise ReferenceStatsError(f'{path}: {k} has shape {_npz_header(path, k)[0][0]}, not {_STATS[k]}: not the '
                                  f'statistics of the FID Inception\'s pool_3 / mixed_6/conv features')
     return bool(has)
 
@@ -113,7 +104,7 @@ def describe(config, image_size: int, fingerprint: str):
     data_cfg = config.data.to_dict() | {'image_size': image_size, 'resize_ratio': e.reference_resize_ratio}
     if ref:
         if not os.path.isdir(ref):
-            raise ReferenceError(f'eval.reference={ref!r} is neither an ADM reference batch (.npz) nor a directory '
+            raise ReferenceStatsError(f'eval.reference={ref!r} is neither an ADM reference batch (.npz) nor a directory '
                                  f'of images (one subfolder per class); leave it empty for config.data\'s eval split')
         data_cfg |= {'source': 'folder', 'folder': os.path.abspath(ref), 'eval_folder': os.path.abspath(ref)}
     settings |= {'kind': data_cfg['source']} | {f'data.{k}': v for k, v in data_cfg.items() if k not in _TRAIN_ONLY}
@@ -142,12 +133,7 @@ def _image_batches(data_cfg, adm_path, batch: int, mesh):
         # The pipeline gives round(pixel) * 2 / 255 - 1: back to the exact uint8 pixels.
         local = np.clip(np.rint((b['image'] + 1.0) * 127.5), 0, 255).astype(np.uint8)
         images, mask = sharding.global_batch((local, b['mask']), mesh)
-        yield images, (np.asarray(mask) if jax.process_count() == 1 else _allgather(mask))
-
-
-def _allgather(x):
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        yield images, sharding.to_host(mask)
 
 
 def _compute(data_cfg, adm_path, extractor, batch: int, log) -> dict:
@@ -177,14 +163,14 @@ def reference_statistics(config, extractor: 'metrics.InceptionFeatures', image_s
         diff = {k: (saved.get(k), settings.get(k)) for k in sorted(set(saved) | set(settings))
                 if saved.get(k) != settings.get(k)}
         if diff:
-            raise ReferenceError(f'the cached reference statistics {cache} were made with other settings (cached, '
+            raise ReferenceStatsError(f'the cached reference statistics {cache} were made with other settings (cached, '
                                  f'now): {diff}. Delete {cache} to recompute them, or set '
                                  f'--config.eval.reference_cache to another path')
     else:
         log(f'computing reference statistics ({settings["kind"]}) -> {cache}')
         ref = _compute(data_cfg, adm_path, extractor, e.batch_size, log)
         if len(ref['pool']) <= e.pr_k:
-            raise ReferenceError(f'the reference has {len(ref["pool"])} images; precision/recall need more than '
+            raise ReferenceStatsError(f'the reference has {len(ref["pool"])} images; precision/recall need more than '
                                  f'eval.pr_k={e.pr_k}')
         if jax.process_index() == 0:
             with atomic_write(cache) as tmp:
@@ -195,3 +181,14 @@ def reference_statistics(config, extractor: 'metrics.InceptionFeatures', image_s
             ref.update({k: f[k].astype(np.float64) for k in _STATS})
         ref['stats_from'] = 'file'
     return ref
+
+
+def training_fid_setup(config, image_size: int, mesh=None):
+    """(reference, extractor) for `metrics.fid_of_images` during training, or None (with one log line) without
+    Inception weights."""
+    if not config.eval.inception_path:
+        logging.warning('FID during training is off: no Inception weights (set --config.eval.inception_path to the '
+                        '.npz of python -m var_jax.convert --inception %s)', inception.PTH_FILE)
+        return None
+    extractor = metrics.InceptionFeatures(inception.load_params(config.eval.inception_path), mesh)
+    return reference_statistics(config, extractor, image_size), extractor

@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from var_jax import tokenize
 from var_jax.draws import sample_logits
-from var_jax.models import attention
+from var_jax.models.platform import target_platform
 from var_jax.models.var import VAR
 from var_jax.models.vqvae import VQVAE
 
@@ -104,36 +105,36 @@ def _scale_loop(vqvae, var, top_k, use_top_p, more_smooth, return_logits,
 TPU_COMPILER_OPTIONS = {'exec_time_optimization_effort': -1.0}
 
 
-def _compiled_loop(vqvae, var, top_k: int, use_top_p: bool, more_smooth: bool, return_logits: bool):
+def compiled_loop(vqvae, var, top_k: int, use_top_p: bool, more_smooth: bool, return_logits: bool):
     """The jitted scale loop for one (models, static settings), for the platform traced for."""
-    return _jitted_loop(vqvae, var, top_k, use_top_p, more_smooth, return_logits, attention.target_platform())
+    return _jitted_loop(vqvae, var, top_k, use_top_p, more_smooth, return_logits, target_platform())
 
 
-def _compiled_decode(vqvae):
+def compiled_decode(vqvae):
     """The jitted decode f_hat -> images in [0, 1] of one tokenizer, for the platform traced for."""
-    return _jitted_decode(vqvae, attention.target_platform())
+    return _jitted_decode(vqvae, target_platform())
 
 
 @functools.lru_cache(maxsize=32)
 def _jitted_loop(vqvae, var, top_k, use_top_p, more_smooth, return_logits, platform):
     """Cached per (models, settings, platform); linen modules hash by their fields."""
     return jax.jit(functools.partial(_scale_loop, vqvae, var, top_k, use_top_p, more_smooth, return_logits),
-                   compiler_options=_compiler_options(platform))
+                   compiler_options=compiler_options(platform))
 
 
 @functools.lru_cache(maxsize=8)
 def _jitted_decode(vqvae, platform):
     return jax.jit(lambda vae_params, f_hat: vqvae.apply({'params': vae_params}, f_hat,
                                                          method=VQVAE.fhat_to_img) * 0.5 + 0.5,
-                   compiler_options=_compiler_options(platform))
+                   compiler_options=compiler_options(platform))
 
 
-def _compiler_options(platform):
+def compiler_options(platform):
     return TPU_COMPILER_OPTIONS if platform == 'tpu' else None
 
 
 def _with_images(vqvae, vae_params, res):
-    return dict(res, images=_compiled_decode(vqvae)(vae_params, res['f_hat']))
+    return dict(res, images=compiled_decode(vqvae)(vae_params, res['f_hat']))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -237,24 +238,9 @@ def sample(vqvae, vae_params, var, var_params, labels, key, *, cfg: float = 1.5,
         labels = jax.random.randint(lkey, (batch_size,), 0, var.num_classes, jnp.int32)
     else:
         labels = _labels_array(var, labels, batch_size)
-    res = _compiled_loop(vqvae, var, int(top_k), bool(top_p > 0), bool(more_smooth), bool(return_logits))(
+    res = compiled_loop(vqvae, var, int(top_k), bool(top_p > 0), bool(more_smooth), bool(return_logits))(
         vae_params, var_params, labels, key, jnp.float32(cfg), jnp.float32(top_p), jnp.float32(temperature))
     return dict(_with_images(vqvae, vae_params, res), labels=labels)
-
-
-def parse_labels(spec: str, num_images: int, num_classes: int) -> np.ndarray:
-    """config.sample.labels -> (num_images,) int32 labels (ranges are checked by `sample`).
-
-    '' -> 0, 1, 2, ... cycled (a grid num_classes wide has one class per column); '3' -> all 3;
-    '1,2,3' -> cycled to num_images; -1 (or num_classes) -> the null class, i.e. unconditional.
-    """
-    if not spec:
-        return (np.arange(num_images) % num_classes).astype(np.int32)
-    try:
-        values = [int(x) for x in str(spec).split(',') if x.strip()]
-    except ValueError:
-        raise ValueError(f'sample.labels={spec!r}: give comma-separated class indices, e.g. "1,2,3"') from None
-    return np.resize(np.asarray(values, np.int32), num_images)
 
 
 def rectangle_mask(patch_nums: Sequence[int], y0: float, x0: float, y1: float, x1: float,
@@ -321,12 +307,6 @@ def scale_keep_masks(mask, patch_nums: Sequence[int], batch_size: int, image_siz
     return out
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _encode(vqvae, vae_params, images):
-    """The source tokens of an edit (VQVAE.img_to_idx), jitted per tokenizer."""
-    return vqvae.apply({'params': vae_params}, images, method=VQVAE.img_to_idx)
-
-
 def edit(vqvae, vae_params, var, var_params, image, mask, labels=None, key=0, *, cfg: float = 1.5,
          top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0, more_smooth: bool = False,
          return_logits: bool = False):
@@ -343,17 +323,11 @@ def edit(vqvae, vae_params, var, var_params, image, mask, labels=None, key=0, *,
     _check_models(vqvae, var)
     check_settings(cfg=cfg, top_k=top_k, top_p=top_p, temperature=temperature, vocab_size=var.vocab_size)
     R = vqvae.image_size
-    if getattr(image, 'ndim', None) != 4 or tuple(image.shape[1:]) != (R, R, 3):
-        raise ValueError(f'image must be (B, {R}, {R}, 3) NHWC in [-1, 1], got {np.shape(image)}')
-    lo, hi = float(jnp.min(image)), float(jnp.max(image))
-    if lo < -1 - 1e-3 or hi > 1 + 1e-3:
-        raise ValueError(f'image values must lie in [-1, 1], got [{lo:.3g}, {hi:.3g}]; map [0, 1] images '
-                         f'with x * 2 - 1 and uint8 pixels with x / 127.5 - 1')
+    src_idx = tokenize.encode(vqvae, vae_params, image)  # checks the images' shape and range
     B = image.shape[0]
     keep = scale_keep_masks(mask, var.patch_nums, B, R)
     labels = _labels_array(var, var.num_classes if labels is None else labels, B)
-    src_idx = _encode(vqvae, vae_params, jnp.asarray(image, jnp.float32))
-    res = _compiled_loop(vqvae, var, int(top_k), bool(top_p > 0), bool(more_smooth), bool(return_logits))(
+    res = compiled_loop(vqvae, var, int(top_k), bool(top_p > 0), bool(more_smooth), bool(return_logits))(
         vae_params, var_params, labels, _as_key(key), jnp.float32(cfg), jnp.float32(top_p),
         jnp.float32(temperature), src_idx, keep)
     return dict(_with_images(vqvae, vae_params, res), labels=labels, src_idx=src_idx)
@@ -370,6 +344,6 @@ def teacher_forced(vqvae, vae_params, var, var_params, labels, idx_list):
     labels = _labels_array(var, labels, None)
     B = labels.shape[0]
     keep = [jnp.ones((B, pn * pn), jnp.float32) for pn in var.patch_nums]
-    fn = _compiled_loop(vqvae, var, 0, False, False, True)
+    fn = compiled_loop(vqvae, var, 0, False, False, True)
     return fn(vae_params, var_params, labels, jax.random.PRNGKey(0), jnp.float32(0), jnp.float32(0),
               jnp.float32(1), [jnp.asarray(i, jnp.int32) for i in idx_list], keep)

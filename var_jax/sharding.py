@@ -173,3 +173,14 @@ def global_batch(local_batch: PyTree, mesh: Mesh) -> PyTree:
         local_batch,
     )
 
+
+
+def to_host(x) -> np.ndarray:
+    """The whole of a (possibly multi-host) global array as numpy, on every host.
+
+    On one host a plain copy; across hosts an all-gather, which every process must call (a collective).
+    """
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

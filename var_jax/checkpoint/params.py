@@ -5,11 +5,13 @@
 
 model.json is written last, so a directory that has one holds complete params.
 """
+import hashlib
 import json
 import os
-from typing import Mapping
+from typing import Mapping, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from var_jax.checkpoint.train_state import atomic_write_json
@@ -34,6 +36,32 @@ def model_config(model) -> dict:
         v = getattr(model, name)
         out[name] = str(jax.numpy.dtype(v)) if name == 'dtype' else list(v) if isinstance(v, tuple) else v
     return out
+
+
+def export_dir(workdir: str) -> str:
+    """Where a run leaves its final models (both stages), in the format of `python -m var_jax.convert`."""
+    return os.path.join(workdir, 'export')
+
+
+def find_trained_var(workdir: str, init_from: str = '') -> Optional[str]:
+    """The params directory a command samples from: the run's export, else init_from; None when neither holds
+    a VAR (a model.json with a "var" entry)."""
+    for path in [export_dir(workdir)] + ([init_from] if init_from else []):
+        if os.path.exists(os.path.join(path, 'model.json')) and 'var' in load_model_config(path):
+            return os.path.abspath(path)
+    return None
+
+
+def fingerprint(params: PyTree, header: Optional[Mapping] = None) -> str:
+    """sha256 of params (every leaf's path, dtype, shape and bytes) and of a JSON-able header (e.g. a config):
+    what a cache computed from the params records, so that it is never reused for other params."""
+    h = hashlib.sha256(json.dumps(header or {}, sort_keys=True, default=str).encode())
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(params))
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(leaf)
+        h.update(f'{jax.tree_util.keystr(path)} {a.dtype} {a.shape}'.encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def save_pretrained(out_dir: str, model_configs: Mapping[str, dict], params: Mapping[str, PyTree]) -> None:

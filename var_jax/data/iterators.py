@@ -32,8 +32,8 @@ from var_jax.data import preprocessing, sources
 from var_jax.data.config import validate_config
 
 
-def _process_layout(global_batch_size, process_index, process_count):
-    """(process_index, process_count, per-host batch); the process layout defaults to JAX's."""
+def process_layout(process_index: Optional[int] = None, process_count: Optional[int] = None) -> tuple:
+    """(process_index, process_count), JAX's where not given, checked: which shard of the data this host reads."""
     if process_index is None or process_count is None:
         import jax  # Only needed for the defaults.
         process_index = jax.process_index() if process_index is None else process_index
@@ -41,13 +41,18 @@ def _process_layout(global_batch_size, process_index, process_count):
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f'process_index={process_index} must be in [0, process_count='
                          f'{process_count}).')
+    return process_index, process_count
+
+
+def host_batch_size(global_batch_size: int, process_count: int) -> int:
+    """This host's share of a global batch (each host loads its own examples)."""
     if global_batch_size <= 0 or global_batch_size % process_count:
         raise ValueError(f'global batch size {global_batch_size} must be a positive multiple of '
                          f'the process count {process_count}; change the batch size.')
-    return process_index, process_count, global_batch_size // process_count
+    return global_batch_size // process_count
 
 
-def _derive_seed(*ints) -> int:
+def derive_seed(*ints) -> int:
     """A well-mixed non-negative 63-bit seed from several ints (e.g. (seed, epoch))."""
     return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1, np.uint64)[0] >> 1)
 
@@ -66,7 +71,8 @@ def make_train_iterator(data_config, global_batch_size: int, *, seed: int, start
         raise ValueError(f'seed must be a non-negative int, got {seed!r}.')
     if start_step < 0:
         raise ValueError(f'start_step must be >= 0, got {start_step}.')
-    process_index, process_count, batch = _process_layout(global_batch_size, process_index, process_count)
+    process_index, process_count = process_layout(process_index, process_count)
+    batch = host_batch_size(global_batch_size, process_count)
     shard = sources.shard(cfg, True, process_index, process_count)
     steps_per_epoch = shard.num_examples // batch
     if steps_per_epoch == 0:
@@ -77,7 +83,7 @@ def make_train_iterator(data_config, global_batch_size: int, *, seed: int, start
     def batches():
         skip = skip_batches
         for epoch in itertools.count(first_epoch):
-            epoch_seed = _derive_seed(seed, epoch)
+            epoch_seed = derive_seed(seed, epoch)
             ds = (shard.ordered(epoch_seed)
                   .take(steps_per_epoch * batch)
                   .enumerate()  # position in the epoch, before skipping: it seeds crop and flip
@@ -100,7 +106,8 @@ def make_eval_iterator(data_config, global_batch_size: int, *, process_index: Op
     batches are zero-padded, and 'mask' (bool, (b,)) marks the real examples.
     """
     cfg = validate_config(data_config)
-    process_index, process_count, batch = _process_layout(global_batch_size, process_index, process_count)
+    process_index, process_count = process_layout(process_index, process_count)
+    batch = host_batch_size(global_batch_size, process_count)
     shard = sources.shard(cfg, False, process_index, process_count)
     num_batches = -(-shard.largest_shard // batch)
 

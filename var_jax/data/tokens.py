@@ -26,13 +26,17 @@ import os
 import time
 from typing import Callable, Iterator, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorflow as tf
 
+from var_jax import checkpoint, sharding
 from var_jax.data import preprocessing, sources
 from var_jax.data.config import validate_config
-from var_jax.data.iterators import _derive_seed, _process_layout
+from var_jax.data.iterators import derive_seed, host_batch_size, process_layout
 from var_jax.fileio import atomic_write, atomic_write_json
+from var_jax.models.vqvae import VQVAE
 
 CACHE_VERSION = 1
 SHARD_IMAGES = 8192   # images per shard file (ImageNet 256 px, 1 view: 11 MB); a killed build loses at most one
@@ -48,15 +52,6 @@ def entries_per_image(cfg) -> int:
     return cfg.pretokenize_crops * (2 if cfg.random_flip else 1)
 
 
-def _layout(process_index, process_count):
-    """(process_index, process_count), JAX's by default, checked."""
-    if process_index is None or process_count is None:
-        import jax  # Only needed for the defaults.
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    return _process_layout(process_count, process_index, process_count)[:2]
-
-
 def host_dir(cache_root: str, process_index: int, process_count: int) -> str:
     return os.path.join(cache_root, f'host{process_index:04d}of{process_count:04d}')
 
@@ -66,7 +61,7 @@ def view_preprocess(cfg, seed: int, decode):
     of one image, in entry order (see the module docstring)."""
     size, crops = cfg.image_size, cfg.pretokenize_crops
     mid = round(cfg.resize_ratio * size)
-    base = _derive_seed(seed, VIEW_SALT)
+    base = derive_seed(seed, VIEW_SALT)
 
     def fn(position, key_and_label):
         key, label = key_and_label
@@ -140,7 +135,7 @@ def build_token_cache(data_config, cache_root: str, encode: Callable[[np.ndarray
     if vocab_size > MAX_VOCAB:
         raise ValueError(f'data.pretokenize stores token ids as uint16, but vae.vocab_size={vocab_size} > '
                          f'{MAX_VOCAB}; set data.pretokenize=False for this tokenizer')
-    process_index, process_count = _layout(process_index, process_count)
+    process_index, process_count = process_layout(process_index, process_count)
     shard = sources.shard(cfg, True, process_index, process_count)
     spec = cache_spec(cfg, fingerprint=fingerprint, seq_len=seq_len, seed=seed, num_examples=shard.num_examples,
                       process_index=process_index, process_count=process_count)
@@ -243,7 +238,8 @@ def make_token_iterator(cache_root: str, global_batch_size: int, *, seed: int, s
         raise ValueError(f'seed must be a non-negative int, got {seed!r}.')
     if start_step < 0:
         raise ValueError(f'start_step must be >= 0, got {start_step}.')
-    process_index, process_count, batch = _process_layout(global_batch_size, process_index, process_count)
+    process_index, process_count = process_layout(process_index, process_count)
+    batch = host_batch_size(global_batch_size, process_count)
     out = host_dir(cache_root, process_index, process_count)
     manifest = _read_json(os.path.join(out, 'manifest.json'))
     if manifest is None:
@@ -273,8 +269,8 @@ def make_token_iterator(cache_root: str, global_batch_size: int, *, seed: int, s
     def batches():
         b0 = skip
         for epoch in itertools.count(first_epoch):
-            perm = np.random.default_rng(_derive_seed(seed, epoch)).permutation(n)
-            entry = np.random.default_rng(_derive_seed(seed, epoch, VIEW_SALT)).integers(0, E, n)
+            perm = np.random.default_rng(derive_seed(seed, epoch)).permutation(n)
+            entry = np.random.default_rng(derive_seed(seed, epoch, VIEW_SALT)).integers(0, E, n)
             for b in range(b0, steps_per_epoch):
                 positions = perm[b * batch:(b + 1) * batch]
                 yield {'tokens': gather(positions, entry[positions]), 'label': labels[positions]}
@@ -282,3 +278,35 @@ def make_token_iterator(cache_root: str, global_batch_size: int, *, seed: int, s
 
     return batches()
 
+
+# --- the frozen tokenizer that fills the cache -------------------------------------------------------
+def tokenizer_fingerprint(vqvae: VQVAE, vae_params) -> str:
+    """sha256 of the tokenizer's config and params: a token cache is valid for exactly this tokenizer.
+    decode_precision and decode_dtype are left out: the decoder makes no token ids."""
+    cfg = {k: v for k, v in checkpoint.model_config(vqvae).items() if k not in ('decode_precision', 'decode_dtype')}
+    return checkpoint.fingerprint(vae_params, cfg)
+
+
+def make_encoder(vqvae: VQVAE, vae_params, per_device: int = 64):
+    """float32 (n, R, R, 3) images -> int32 (n, L) token ids (`VQVAE.img_to_idx`, scales concatenated), on this
+    host's devices only (each host encodes its own shard), in zero-padded chunks of per_device x devices
+    images: one compile. 64 images per device keep a 256-px encoder's memory modest."""
+    mesh = sharding.make_mesh(1, devices=jax.local_devices())
+    rep, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    fn = jax.jit(lambda p, x: jnp.concatenate(vqvae.apply({'params': p}, x, method=VQVAE.img_to_idx), axis=1),
+                 in_shardings=(rep, split), out_shardings=split)
+    n = per_device * mesh.size
+    on_devices = []  # the params on this host's devices, put there by the first call (none when a cache is reused)
+
+    def encode(images):
+        if not on_devices:
+            on_devices.append(jax.device_put(jax.device_get(vae_params), rep))
+        params = on_devices[0]
+        out = []
+        for i in range(0, len(images), n):
+            m = min(n, len(images) - i)
+            chunk = np.zeros((n,) + images.shape[1:], np.float32)
+            chunk[:m] = images[i:i + m]
+            out.append(np.asarray(fn(params, chunk))[:m])
+        return np.concatenate(out)
+    return encode

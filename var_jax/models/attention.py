@@ -13,39 +13,20 @@ query sees every key of its own block and of all earlier blocks. Implementations
             mask as an additive (1, 1, L, L) bias; bf16/fp16 only, GPU only.
 - 'auto':   'splash' on TPU, 'cudnn' on GPU for bf16/fp16 inputs, else 'xla'.
 
-The platform is `jax.default_backend()` unless `compile_target(platform)` says otherwise: compiling
-ahead of time for a TPU on a CPU host (benchmarks/aot.py) traces on the CPU backend for the TPU.
+The platform is `platform.target_platform()`: the default backend, or the one a deviceless
+ahead-of-time compile is for (benchmarks/aot.py).
 """
-import contextlib
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from var_jax.models.platform import target_platform
+
 IMPLEMENTATIONS = ('auto', 'xla', 'splash', 'cudnn')
 SPLASH_BLOCK = 128  # splash tile side (q and kv); sequences are padded to a multiple of it
 CACHED_SPLASH_MIN_QUERIES = 32  # the sampler's attention: splash from this many queries per scale on
-
-_TARGET = [None]  # platform set by compile_target, else None (the default backend)
-
-
-@contextlib.contextmanager
-def compile_target(platform: Optional[str]):
-    """Within the block, 'auto' and splash's interpret mode are decided for `platform` ('tpu', 'gpu',
-    'cpu') instead of the default backend; for ahead-of-time compilation on another host."""
-    old, _TARGET[0] = _TARGET[0], platform
-    try:
-        yield
-    finally:
-        _TARGET[0] = old
-
-
-def target_platform() -> str:
-    """'tpu', 'gpu' or 'cpu': the platform the traced program is for."""
-    p = _TARGET[0] or jax.default_backend()
-    return 'gpu' if p in ('cuda', 'rocm') else p
-
 
 def resolve(implementation: str, dtype) -> str:
     """The concrete implementation of `implementation` for the target platform and compute dtype."""

@@ -32,6 +32,11 @@ def matmul_precision(name: str, field: str) -> Optional[jax.lax.Precision]:
     return PRECISIONS[name]
 
 
+# The official scale schedules: 10 scales up to 16x16 tokens (256 px) and up to 32x32 (512 px, VAR-d36).
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+
 def validate_patch_nums(patch_nums: Sequence[int]) -> tuple:
     """Checks the scale schedule: at least two strictly increasing positive ints."""
     pns = tuple(int(p) for p in patch_nums)

@@ -20,13 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax.models import attention as attn_lib
-from var_jax.models.quantizer import validate_patch_nums
+from var_jax.models.platform import target_platform
+from var_jax.models.quantizer import PATCH_NUMS_256, PATCH_NUMS_512, validate_patch_nums  # noqa: F401
 from var_jax.models.stacking import BLOCKS, remat_policy, stacked_blocks
 
 MAX_LOG_SCALE_MUL = math.log(100.0)
-# The official scale schedules: 10 scales up to 16x16 tokens (256 px) and up to 32x32 (512 px, VAR-d36).
-PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
 
 
 def begin_ends(patch_nums: Sequence[int]) -> tuple:
@@ -285,7 +283,7 @@ class VAR(nn.Module):
     attn_l2_norm: bool = True
     drop_path_rate: float = 0.0
     cond_drop_rate: float = 0.1
-    patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    patch_nums: Sequence[int] = PATCH_NUMS_256
     init_adaln: float = 0.5
     init_adaln_gamma: float = 1e-5
     init_head: float = 0.02
@@ -318,7 +316,7 @@ class VAR(nn.Module):
         fc1_kernel_shape = (C, round(C * self.mlp_ratio))
         remat_policy(self.remat, fc1_kernel_shape)
         attn_lib.resolve(self.attention, self.dtype)  # a bad name fails here, not deep in a trace
-        scan = self.scan if self.scan is not None else attn_lib.target_platform() != 'cpu'
+        scan = self.scan if self.scan is not None else target_platform() != 'cpu'
         self.blocks = stacked_blocks(AdaLNSelfAttn, self.depth, scan, self.remat, fc1_kernel_shape)(
             C, self.num_heads, self.mlp_ratio, self.norm_eps, self.attn_l2_norm, self.shared_aln,
             self.drop_path_rate > 0, std, self.depth, self.init_adaln, self.init_adaln_gamma, self.dtype,

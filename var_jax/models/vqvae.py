@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from var_jax.models.quantizer import MultiScaleQuantizer, matmul_precision, validate_patch_nums
+from var_jax.models.quantizer import PATCH_NUMS_256, MultiScaleQuantizer, matmul_precision, validate_patch_nums
 
 Precision = Optional[jax.lax.Precision]   # None: the backend's default (or jax_default_matmul_precision)
 
@@ -173,7 +173,7 @@ class VQVAE(nn.Module):
     ch: int = 160
     ch_mult: Sequence[int] = (1, 1, 2, 2, 4)
     num_res_blocks: int = 2
-    patch_nums: Sequence[int] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    patch_nums: Sequence[int] = PATCH_NUMS_256
     beta: float = 0.25
     quant_resi: float = 0.5
     share_quant_resi: int = 4

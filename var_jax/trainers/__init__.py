@@ -4,9 +4,14 @@ from var_jax.trainers import loop, tokenizer, transformer
 STAGES = ('tokenizer', 'transformer')
 
 
+def stages_of(config) -> list:
+    """The stage names of config.stages, in order (preflight refuses names not in STAGES)."""
+    return [s.strip() for s in str(config.stages).split(',') if s.strip()]
+
+
 def run(config, workdir: str):
     """The stages named in config.stages, in order ('tokenizer,transformer' by default)."""
-    stages = [s.strip() for s in config.stages.split(',') if s.strip()]
+    stages = stages_of(config)
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise ValueError(f'unknown stages {sorted(unknown)} in config.stages={config.stages!r}; '

@@ -68,7 +68,7 @@ def init_state(mesh, tx, seed: int, init_fn=None, params=None, extra=None):
 
 
 # --- models and weights from the config --------------------------------------------------------
-def build_models(config, num_data_classes: int = 0):
+def models_from_config(config, num_data_classes: int = 0):
     """(VQVAE, VAR) from config.vae / config.var; the VAR takes vocabulary/Cvae/scales from the VQVAE.
 
     var.num_classes <= 0 means the dataset's number of classes (`num_data_classes`).
@@ -92,11 +92,6 @@ def load_init_from(config):
         raise FileNotFoundError(f'init_from={config.init_from!r} does not exist; point it at a directory '
                                 f'written by python -m var_jax.convert or at a finished run\'s export/')
     return checkpoint.load_pretrained(config.init_from)
-
-
-def export_dir(workdir: str) -> str:
-    """Where a run leaves its final models, in the format of `python -m var_jax.convert`."""
-    return os.path.join(workdir, 'export')
 
 
 # --- the loop ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from var_jax import checkpoint, optim, sharding
+from var_jax import checkpoint, losses, optim, sharding
 from var_jax.images import save_png
 from var_jax.models import lpips
 from var_jax.models.discriminator import PatchDiscriminator
@@ -86,28 +86,9 @@ def _finish_vae_step(state, new, metrics, hits, f, patch_nums, restart_every: in
 
 
 # --- adversarial tokenizer training (optional) -------------------------------------------------
-def hinge_d_loss(logits_real, logits_fake):
-    """Discriminator hinge loss: (mean(relu(1 - D(real))) + mean(relu(1 + D(fake)))) / 2."""
-    return 0.5 * (jnp.mean(jax.nn.relu(1.0 - logits_real)) + jnp.mean(jax.nn.relu(1.0 + logits_fake)))
-
-
-def generator_adv_loss(logits_fake):
-    """Generator adversarial loss: -mean(D(fake))."""
-    return -jnp.mean(logits_fake)
-
-
 def last_layer(params):
     """The decoder's last layer kernel, against which VQGAN balances the two losses."""
     return params['decoder']['conv_out']['kernel']
-
-
-def adaptive_weight(nll_grad, g_grad, disc_weight: float):
-    """VQGAN's lambda = ||grad nll|| / (||grad g_loss|| + 1e-4), clipped to [0, 1e4], times disc_weight.
-
-    Both gradients are w.r.t. the last decoder layer; the result carries no gradient.
-    """
-    w = jnp.linalg.norm(nll_grad) / (jnp.linalg.norm(g_grad) + 1e-4)
-    return jax.lax.stop_gradient(jnp.clip(w, 0.0, 1e4) * disc_weight)
 
 
 def new_disc_state(disc: PatchDiscriminator, disc_tx: optax.GradientTransformation, image_size: int, seed: int):
@@ -129,7 +110,7 @@ def _make_vae_gan_step(vqvae, tx, rec_loss, restart_every, disc, disc_tx, disc_w
 
     disc_factor is 1 from step disc_start on (state['step'] before this update), else 0: before
     disc_start the generator gets exactly the plain reconstruction + VQ gradients and the
-    discriminator is left untouched. lambda is `adaptive_weight` of the gradients of the
+    discriminator is left untouched. lambda is `losses.adaptive_weight` of the gradients of the
     reconstruction (nll) and adversarial terms w.r.t. the decoder's conv_out kernel. The model's
     forward is linearized once (jax.vjp); the two kernel gradients are pullbacks of the two
     terms' cotangents through it (XLA drops the parts of those pullbacks that do not reach the
@@ -145,13 +126,13 @@ def _make_vae_gan_step(vqvae, tx, rec_loss, restart_every, disc, disc_tx, disc_w
             return (rec, vq_loss), (hits, f)
         (rec, vq_loss), pullback, (hits, f) = jax.vjp(forward, params, has_aux=True)
         (nll, terms), d_nll = jax.value_and_grad(rec_loss, has_aux=True)(rec, image, lpips_params)
-        g_fn = lambda r: generator_adv_loss(disc.apply({'params': disc_params}, r))
+        g_fn = lambda r: losses.generator_adv_loss(disc.apply({'params': disc_params}, r))
         g_loss, d_g = jax.value_and_grad(g_fn)(rec)
         zero = jnp.zeros_like(vq_loss)
         nll_grad = last_layer(pullback((d_nll, zero))[0])
         g_grad = last_layer(pullback((d_g, zero))[0])
         active = state['step'] >= disc_start
-        w = jnp.where(active, adaptive_weight(nll_grad, g_grad, disc_weight), 0.0)
+        w = jnp.where(active, losses.adaptive_weight(nll_grad, g_grad, disc_weight), 0.0)
         loss = nll + w * g_loss + vq_loss
         grads = pullback((d_nll + w * d_g, jnp.ones_like(vq_loss)))[0]
         grad_norm = optax.tree.norm(grads)
@@ -163,7 +144,7 @@ def _make_vae_gan_step(vqvae, tx, rec_loss, restart_every, disc, disc_tx, disc_w
         def d_loss_fn(dp):
             logits_real = disc.apply({'params': dp}, image)
             logits_fake = disc.apply({'params': dp}, fake)
-            return hinge_d_loss(logits_real, logits_fake), (jnp.mean(logits_real), jnp.mean(logits_fake))
+            return losses.hinge_d_loss(logits_real, logits_fake), (jnp.mean(logits_real), jnp.mean(logits_fake))
         (d_loss, (logits_real, logits_fake)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(disc_params)
         d_updates, d_opt_state = disc_tx.update(d_grads, state['disc_opt_state'], disc_params)
         d_params = optax.apply_updates(disc_params, d_updates)
@@ -196,14 +177,14 @@ def _restart_dead_codes(state, code_hits, f, every: int):
 
 
 
-def export_dir(workdir: str) -> str:
+def tokenizer_export_dir(workdir: str) -> str:
     """Where stage 1 leaves the tokenizer for stage 2 (model.json + params, like a converted checkpoint)."""
     return os.path.join(workdir, 'tokenizer', 'export')
 
 
 def train(config, workdir: str, pretrained=None):
     """Stage 1: trains the VQVAE, or takes the one in `pretrained` (config.init_from's); returns its params."""
-    vqvae, _ = loop.build_models(config)
+    vqvae, _ = loop.models_from_config(config)
     if pretrained is not None and 'vae' in pretrained[1]:
         checkpoint.check_model_config('vae', pretrained[0]['vae'], vqvae)
         logging.info('tokenizer: using %s (no stage-1 training)', config.init_from)
@@ -243,13 +224,14 @@ def train(config, workdir: str, pretrained=None):
                      on_sample=on_sample)
     params = jax.device_get(state['params'])
     if jax.process_index() == 0:
-        checkpoint.save_pretrained(export_dir(workdir), {'vae': checkpoint.model_config(vqvae)}, {'vae': params})
+        checkpoint.save_pretrained(tokenizer_export_dir(workdir), {'vae': checkpoint.model_config(vqvae)},
+                                   {'vae': params})
     return params
 
 
 def exported(workdir: str):
     """Stage 1's exported params, for stage 2 in a later command."""
-    path = export_dir(workdir)
+    path = tokenizer_export_dir(workdir)
     if not os.path.isdir(path):
         raise FileNotFoundError(f'no tokenizer for the transformer stage: {path} does not exist. Run the '
                                 f'tokenizer stage first (config.stages includes "tokenizer") or set '

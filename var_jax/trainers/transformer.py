@@ -7,9 +7,7 @@ AdamW (`var_jax.optim`). Progressive training (pg > 0) trains coarse scales firs
 the active scales and the newest scale's loss weight ramps up over pgwp epochs, as the official trainer does.
 """
 import functools
-import hashlib
 import itertools
-import json
 import os
 
 import jax
@@ -17,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from var_jax import checkpoint, losses, optim, sampling, sharding
+from var_jax import checkpoint, losses, metrics, optim, reference_stats, sample_batches, sharding
 from var_jax.images import save_png
 from var_jax.models.var import VAR, begin_ends
 from var_jax.models.vqvae import VQVAE
@@ -144,7 +142,7 @@ def train(config, workdir: str, num_data_classes: int, vae_params=None, pretrain
     vae_params: stage 1's result (else `pretrained`'s VQVAE or the run's tokenizer export);
     pretrained: config.init_from's (model cfgs, params), if any.
     """
-    vqvae, var = loop.build_models(config, num_data_classes)
+    vqvae, var = loop.models_from_config(config, num_data_classes)
     if vae_params is None:
         from var_jax.trainers import tokenizer
         has_vae = pretrained is not None and 'vae' in pretrained[1]
@@ -174,12 +172,10 @@ def train(config, workdir: str, num_data_classes: int, vae_params=None, pretrain
 
     def on_sample(params, step):
         s = config.sample
-        labels = sampling.parse_labels(s.labels, s.num_images, var.num_classes)
-        out = sampling.sample(vqvae, vae_params, var, params, labels, jax.random.PRNGKey(s.seed), cfg=s.cfg,
-                              top_k=s.top_k, top_p=s.top_p, temperature=s.temperature, more_smooth=s.more_smooth)
+        images = _samples(config, mesh, (vqvae, vae_params, var, params), s.num_images, s.labels, s.seed)
         if jax.process_index() == 0:
-            save_png(os.path.join(workdir, 'transformer', 'samples', f'samples_{step:07d}.png'),
-                     np.asarray(out['images']), ncols=s.ncols)
+            save_png(os.path.join(workdir, 'transformer', 'samples', f'samples_{step:07d}.png'), images,
+                     ncols=s.ncols)
 
     state = loop.fit('transformer', workdir, config, state=state, state_shardings=shardings, mesh=mesh,
                      step_fn=make_step(vqvae, var, tx, cfg.label_smoothing), step_args=(vae_params,),
@@ -189,51 +185,13 @@ def train(config, workdir: str, num_data_classes: int, vae_params=None, pretrain
                      if config.data.pretokenize else None)
     params = jax.device_get(state['params'])
     if jax.process_index() == 0:
-        checkpoint.save_pretrained(loop.export_dir(workdir),
+        checkpoint.save_pretrained(checkpoint.export_dir(workdir),
                                    {'vae': checkpoint.model_config(vqvae), 'var': checkpoint.model_config(var)},
                                    {'vae': jax.device_get(vae_params), 'var': params})
     return params
 
 
 # --- pre-tokenised data (config.data.pretokenize) ------------------------------------------------
-def tokenizer_fingerprint(vqvae: VQVAE, vae_params) -> str:
-    """sha256 of the tokenizer's config and params: a token cache is valid for exactly this tokenizer.
-    decode_precision and decode_dtype are left out: the decoder makes no token ids."""
-    cfg = {k: v for k, v in checkpoint.model_config(vqvae).items() if k not in ('decode_precision', 'decode_dtype')}
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
-    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(vae_params))
-    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        a = np.ascontiguousarray(leaf)
-        h.update(f'{jax.tree_util.keystr(path)} {a.dtype} {a.shape}'.encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def make_encoder(vqvae: VQVAE, vae_params, per_device: int = 64):
-    """float32 (n, R, R, 3) images -> int32 (n, L) token ids (`VQVAE.img_to_idx`, scales concatenated), on this
-    host's devices only (each host encodes its own shard), in zero-padded chunks of per_device x devices
-    images: one compile. 64 images per device keep a 256-px encoder within ~12 GiB (README, Benchmarks)."""
-    mesh = sharding.make_mesh(1, devices=jax.local_devices())
-    rep, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    fn = jax.jit(lambda p, x: jnp.concatenate(vqvae.apply({'params': p}, x, method=VQVAE.img_to_idx), axis=1),
-                 in_shardings=(rep, split), out_shardings=split)
-    n = per_device * mesh.size
-    on_devices = []  # the params on this host's devices, put there by the first call (none when a cache is reused)
-
-    def encode(images):
-        if not on_devices:
-            on_devices.append(jax.device_put(jax.device_get(vae_params), rep))
-        params = on_devices[0]
-        out = []
-        for i in range(0, len(images), n):
-            m = min(n, len(images) - i)
-            chunk = np.zeros((n,) + images.shape[1:], np.float32)
-            chunk[:m] = images[i:i + m]
-            out.append(np.asarray(fn(params, chunk))[:m])
-        return np.concatenate(out)
-    return encode
-
-
 def pretokenized_batches(config, workdir: str, vqvae: VQVAE, vae_params):
     """make_batches for `loop.fit`: builds (or reuses) the token cache in <workdir>/tokens of the frozen
     tokenizer, then batches it from the step the run starts at (`var_jax.data.tokens`)."""
@@ -242,8 +200,8 @@ def pretokenized_batches(config, workdir: str, vqvae: VQVAE, vae_params):
     def make_batches(start_step):
         root = os.path.join(workdir, 'tokens')
         L = sum(p * p for p in vqvae.patch_nums)
-        tokens.build_token_cache(config.data, root, make_encoder(vqvae, vae_params),
-                                 fingerprint=tokenizer_fingerprint(vqvae, vae_params), seq_len=L,
+        tokens.build_token_cache(config.data, root, tokens.make_encoder(vqvae, vae_params),
+                                 fingerprint=tokens.tokenizer_fingerprint(vqvae, vae_params), seq_len=L,
                                  vocab_size=vqvae.vocab_size, seed=config.seed)
         return tokens.make_token_iterator(root, config.transformer.batch_size, seed=config.seed,
                                           start_step=start_step)
@@ -258,9 +216,9 @@ def _validation(config, vqvae, var, vae_params, mesh):
     * the FID of config.eval.train_num_images samples (config.sample's settings, a fixed key, classes spread
       evenly) against the reference statistics, when Inception weights are configured.
     """
-    from var_jax import data, evaluation
+    from var_jax import data
     e = config.eval
-    fid = evaluation.training_fid_setup(config, vqvae.image_size, mesh) if e.train_num_images else None
+    fid = reference_stats.training_fid_setup(config, vqvae.image_size, mesh) if e.train_num_images else None
     if not e.val_batches and fid is None:
         return None
     batch_size = config.transformer.batch_size
@@ -277,20 +235,18 @@ def _validation(config, vqvae, var, vae_params, mesh):
             n += int(mask.sum())
         results = {f'val_{k}': v / max(n, 1) for k, v in sums.items()}
         if fid is not None:
-            results['fid'] = evaluation.fid_of_samples(_samples(config, vqvae, vae_params, var, params), *fid)
+            images = _samples(config, mesh, (vqvae, vae_params, var, params), e.train_num_images, '',
+                              config.sample.seed + 1)
+            results['fid'] = metrics.fid_of_images(images, *fid)
         return results
     return on_eval
 
 
-def _samples(config, vqvae, vae_params, var, params) -> np.ndarray:
-    """config.eval.train_num_images images in [0, 1], in batches of config.sample.batch_size."""
-    s, n = config.sample, config.eval.train_num_images
-    labels = sampling.parse_labels('', n, var.num_classes)
-    out = []
-    for i in range(0, n, s.batch_size):
-        chunk = labels[i:i + s.batch_size]
-        images = sampling.sample(vqvae, vae_params, var, params, np.resize(chunk, s.batch_size),
-                                 jax.random.PRNGKey(s.seed + 1 + i), cfg=s.cfg, top_k=s.top_k, top_p=s.top_p,
-                                 temperature=s.temperature, more_smooth=s.more_smooth)['images']
-        out.append(np.asarray(images)[:len(chunk)])
-    return np.concatenate(out)
+def _samples(config, mesh, models, num_images: int, labels: str, seed: int) -> np.ndarray:
+    """num_images images in [0, 1] (every host gets all of them) with config.sample's settings."""
+    s = config.sample
+    labels = sample_batches.parse_labels(labels, num_images, models[2].num_classes)
+    batches = sample_batches.sample_batches(models, labels, jax.random.PRNGKey(seed), sample_batches.settings(s),
+                                            batch_size=sample_batches.batch_size_for(s.batch_size, num_images, mesh),
+                                            mesh=mesh)
+    return np.concatenate([sharding.to_host(out['images'])[:n] for _, n, out in batches])
