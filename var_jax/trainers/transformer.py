@@ -1,4 +1,4 @@
-"""Stage 2: the VAR transformer on the frozen tokenizer's tokens, the official recipe (VAR_SPEC 4).
+"""Stage 2: the VAR transformer on the frozen tokenizer's tokens, the official recipe (train.py, trainer.py).
 
 Each step tokenizes the batch with the frozen VQVAE (or, with data.pretokenize, reads token maps the frozen
 VQVAE encoded once: `pretokenized_batches`), builds the teacher-forcing input and takes the plain mean
@@ -212,7 +212,7 @@ def tokenizer_fingerprint(vqvae: VQVAE, vae_params) -> str:
 def make_encoder(vqvae: VQVAE, vae_params, per_device: int = 64):
     """float32 (n, R, R, 3) images -> int32 (n, L) token ids (`VQVAE.img_to_idx`, scales concatenated), on this
     host's devices only (each host encodes its own shard), in zero-padded chunks of per_device x devices
-    images: one compile. 64 images per device keep a 256-px encoder within ~12 GiB (README, Benchmarks)."""
+    images: one compile. 64 images per device keep a 256-px encoder within a chip's memory."""
     mesh = sharding.make_mesh(1, devices=jax.local_devices())
     rep, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     fn = jax.jit(lambda p, x: jnp.concatenate(vqvae.apply({'params': p}, x, method=VQVAE.img_to_idx), axis=1),
