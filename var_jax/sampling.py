@@ -1,4 +1,4 @@
-"""KV-cached class-conditional sampling and zero-shot editing with VAR (paper Sec. 3-4; official
+"""KV-cached class-conditional sampling and zero-shot editing with VAR (official
 models/var.py, VAR.autoregressive_infer_cfg).
 
 One `jax.jit`-compiled function runs the whole next-scale loop: a Python loop over the static
@@ -331,8 +331,8 @@ def _encode(vqvae, vae_params, images):
 def edit(vqvae, vae_params, var, var_params, image, mask, labels=None, key=0, *, cfg: float = 1.5,
          top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0, more_smooth: bool = False,
          return_logits: bool = False):
-    """Zero-shot inpainting / outpainting / class-conditional editing (paper Sec. 4.6; official
-    demo_zero_shot_edit.ipynb, VAR.autoregressive_infer_cfg_with_mask).
+    """Zero-shot inpainting / outpainting / class-conditional editing (the paper's zero-shot task
+    generalisation; official demo_zero_shot_edit.ipynb, VAR.autoregressive_infer_cfg_with_mask).
 
     image: (B, R, R, 3) in [-1, 1] at the model resolution. mask: see `scale_keep_masks`
     (1 = keep the source; `rectangle_mask` builds the official box masks). labels: None (the
