@@ -1,4 +1,4 @@
-"""Shared config pieces: every field main.py and var_jax.train read, with defaults.
+"""Shared config pieces: every field main.py and var_jax.trainers read, with defaults.
 
 Config files build on `base_config()` and override what differs (big_vision style); tests and
 command lines override further (`--config.transformer.total_steps=10`).
