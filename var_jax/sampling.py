@@ -332,7 +332,7 @@ def edit(vqvae, vae_params, var, var_params, image, mask, labels=None, key=0, *,
          top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0, more_smooth: bool = False,
          return_logits: bool = False):
     """Zero-shot inpainting / outpainting / class-conditional editing (the paper's zero-shot task
-    generalisation; official demo_zero_shot_edit.ipynb, VAR.autoregressive_infer_cfg_with_mask).
+    generalisation; official demo_zero_shot_edit.ipynb, its autoregressive_infer_cfg_with_mask).
 
     image: (B, R, R, 3) in [-1, 1] at the model resolution. mask: see `scale_keep_masks`
     (1 = keep the source; `rectangle_mask` builds the official box masks). labels: None (the
