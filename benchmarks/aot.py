@@ -1,6 +1,6 @@
 """Compiles var_jax's real programs for a TPU topology on a host without one (deviceless AOT) and reports
 compile time, per-chip memory and XLA's cost model. Needs libtpu: a separate venv with
-requirements-tpu.txt (README, Benchmarks); the CPU venv of the project does not need it.
+requirements-tpu.txt (docs/benchmarks.md); the CPU venv of the project does not need it.
 
     python benchmarks/aot.py --config=configs/var_d16.py --topology v5p:2x2x1 --batch_per_chip 64
     python benchmarks/aot.py --config=configs/var_d30.py --topology v5p:2x2x4 --fsdp 16 --programs transformer

@@ -11,7 +11,7 @@
 # Each step has its own time limit, so one that hangs leaves time for the rest; the log goes to $OUT/gpu_check.log.
 #
 # The device image has JAX, flax, optax and orbax but no ml_collections (nor TensorFlow, which nothing here
-# needs): bring it as a wheel in .whl/ (README, "On a lent GPU"), which this script installs first.
+# needs): bring it as a wheel in .whl/ (docs/benchmarks.md, "On a lent GPU"), which this script installs first.
 # CONFIG / BATCH / ITERS / MATMUL_N / PY override the sizes for a dry run elsewhere, e.g.
 #   CONFIG=configs/bench.py BATCH=8 ITERS=2 MATMUL_N=1024 PY=venv/bin/python bash benchmarks/gpu_check.sh
 set -uo pipefail

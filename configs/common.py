@@ -1,4 +1,4 @@
-"""Shared config pieces: every field main.py and var_jax.train read, with defaults.
+"""Shared config pieces: every field main.py and var_jax.trainers read, with defaults.
 
 Config files build on `base_config()` and override what differs (big_vision style); tests and
 command lines override further (`--config.transformer.total_steps=10`).
@@ -51,8 +51,8 @@ def base_config():
         shuffle_buffer=16384,                    # examples; only TFDS splits too big to hold in memory
         in_memory_max_mb=1024,                   # TFDS splits up to this encoded size are held in memory
         synthetic_seed=0, synthetic_train_size=10000, synthetic_test_size=1000,    # the synthetic dataset
-        # The transformer stage on token maps the frozen tokenizer encodes once into <workdir>/tokens/ (README,
-        # Pre-tokenised data): no encoder in the step. pretokenize_crops views per image: the center crop and
+        # The transformer stage on token maps the frozen tokenizer encodes once into <workdir>/tokens/ (no encoder
+        # in the step; docs/training.md). pretokenize_crops views per image: the center crop and
         # pretokenize_crops - 1 random crops (each also flipped when random_flip), one drawn per image and epoch.
         pretokenize=False, pretokenize_crops=1))
 
@@ -79,7 +79,7 @@ def base_config():
         # Optional PatchGAN (VQGAN) adversarial loss; disc_weight 0 = off (no discriminator at all).
         disc_weight=0.0, disc_start=2000, disc_lr=1e-4, disc_ndf=64, disc_layers=3,
         # Optional LPIPS-VGG perceptual loss; perceptual_weight 0 = off (no VGG at all). The weights: the .npz of
-        # `python -m var_jax.convert --lpips_vgg16 vgg16-397923af.pth --lpips_lin vgg.pth` (README, Train).
+        # `python -m var_jax.convert --lpips_vgg16 vgg16-397923af.pth --lpips_lin vgg.pth` (docs/training.md).
         perceptual_weight=0.0, perceptual_weights_path='',
         optim=optim(1e-3, 500, wd=0.0, wpe=0.05)))
     c.transformer = ml_collections.ConfigDict(dict(
@@ -97,7 +97,7 @@ def base_config():
     c.sample = ml_collections.ConfigDict(dict(
         num_images=64, ncols=8, batch_size=64, seed=0, labels='',   # labels: '' = spread over classes
         cfg=1.5, top_k=900, top_p=0.96, temperature=1.0, more_smooth=False))
-    # --mode=eval (README, Evaluate): FID, sFID, IS, precision/recall of config.sample.* samples.
+    # --mode=eval (docs/evaluation.md): FID, sFID, IS, precision/recall of config.sample.* samples.
     c.eval = ml_collections.ConfigDict(dict(
         num_images=1000, batch_size=100,    # images scored, sampled in shards of batch_size (the paper: 50 000)
         inception_path='',                  # .npz of `python -m var_jax.convert --inception <pytorch-fid .pth>`
@@ -115,7 +115,7 @@ def base_config():
 
 def imagenet_config(depth, *, batch_size, epochs, tblr, alng, wpe, wd_end=0.05, image_size=256,
                     shared_aln=False):
-    """The official VAR ImageNet recipe (VAR_SPEC 4) for VAR-d<depth> on the released tokenizer.
+    """The official VAR ImageNet recipe (train.py, utils/arg_util.py) for VAR-d<depth> on the released tokenizer.
 
     Convert the tokenizer first and point init_from at it:
         python -m var_jax.convert --vae vae_ch160v4096z32.pth --out checkpoints/vae

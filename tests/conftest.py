@@ -92,7 +92,7 @@ def background_jobs(request, tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def golden():
-    """tests/data/tiny_public.npz: weights, inputs and outputs of the official code (see README)."""
+    """tests/data/tiny_public.npz: weights, inputs and outputs of the official code (see docs/testing.md)."""
     return dict(np.load(os.path.join(DATA, 'tiny_public.npz')))
 
 

@@ -45,3 +45,54 @@ except ImportError as e:
     proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert 'data needs it: no tensorflow' in proc.stdout, proc.stdout  # the blocker works
+
+
+def _imports(path):
+    """(module-level imports, imports anywhere) of a source file, as dotted names ('var_jax.api', 'torch', ...)."""
+    import ast
+    tree = ast.parse(open(path).read())
+
+    def names(nodes):
+        out = set()
+        for n in nodes:
+            if isinstance(n, ast.Import):
+                out |= {a.name for a in n.names}
+            elif isinstance(n, ast.ImportFrom) and n.module:
+                out |= {n.module} | {f'{n.module}.{a.name}' for a in n.names}
+        return out
+    return names(tree.body), names(ast.walk(tree))
+
+
+def test_import_rules_of_the_architecture():
+    """docs/ARCHITECTURE.md's import rules, on every module's import statements: models import nothing outside
+    models/; the sampler and its draws import no training, input pipeline or TensorFlow; training imports no
+    command module and not the torch converter; torch is imported by convert.py only."""
+    root = os.path.join(REPO, 'var_jax')
+    broken = []
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if not f.endswith('.py'):
+                continue
+            path = os.path.join(dirpath, f)
+            rel = os.path.relpath(path, REPO)
+            _, anywhere = _imports(path)
+            ours = {m for m in anywhere if m.startswith('var_jax')}
+            if rel.startswith('var_jax/models/'):
+                broken += [(rel, m) for m in ours if not m.startswith('var_jax.models')]
+            if rel in ('var_jax/sampling.py', 'var_jax/draws.py'):
+                broken += [(rel, m) for m in anywhere
+                           if m.startswith(('var_jax.trainers', 'var_jax.data', 'tensorflow', 'var_jax.api'))]
+            if rel.startswith('var_jax/trainers/'):
+                broken += [(rel, m) for m in ours
+                           if m.startswith(('var_jax.evaluation', 'var_jax.generate', 'var_jax.convert'))]
+            if rel != 'var_jax/convert.py':
+                broken += [(rel, m) for m in anywhere if m.split('.')[0] in ('torch', 'torchvision')]
+    assert not broken, broken
+
+
+def test_import_rules_catch_a_violation(tmp_path):
+    """The checker above sees a function-level import as well as a module-level one."""
+    p = tmp_path / 'm.py'
+    p.write_text('import os\n\ndef f():\n    from var_jax import evaluation\n')
+    top, anywhere = _imports(str(p))
+    assert 'var_jax.evaluation' in anywhere and 'var_jax.evaluation' not in top

@@ -402,7 +402,7 @@ def test_parse_labels():
 
 
 def test_sampling_imports_no_api_training_or_tensorflow():
-    """Layering: the sampler builds on the models only (DESIGN.md), so it stays importable without TF."""
+    """Layering: the sampler builds on the models only (docs/ARCHITECTURE.md), so it stays importable without TF."""
     import ast
     import inspect
     tree = ast.parse(inspect.getsource(sampling))

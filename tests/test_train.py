@@ -1,4 +1,4 @@
-"""Tests for var_jax.optim and var_jax.trainers: the official recipe (VAR_SPEC 4), the steps, the loop, resume, errors.
+"""Tests for var_jax.optim and var_jax.trainers: the official recipe (train.py), the steps, the loop, resume, errors.
 
 The expensive parts run as subprocesses on the session's background lane (tests/conftest.py), from the
 start of the session, while the tests of the other modules and the cheap in-process tests here run:

@@ -1,7 +1,7 @@
-"""Token draws from logits for the sampler (VAR_SPEC 2.11): temperature, top-k and top-p as thresholds
-found by search (no sort), and one categorical draw per row. Traced per target platform
-(`platform.target_platform()`): the searches' width and the draw's method differ between CPU and
-TPU / GPU, the thresholds and the distribution do not."""
+"""Token draws from logits for the sampler (official models/helpers.py, sample_with_top_k_top_p_):
+temperature, top-k and top-p as thresholds found by search (no sort), and one categorical draw per row.
+Traced per target platform (`platform.target_platform()`): the searches' width and the draw's method
+differ between CPU and TPU / GPU, the thresholds and the distribution do not."""
 from typing import Optional
 
 import jax
@@ -23,9 +23,11 @@ def _as_float(t):
 
 # Bits of a threshold that one pass of the searches decides, per target platform. On accelerators 4: 8 passes
 # over the logits, each comparing every entry with 15 candidates at once (the compares are cheap, the passes'
-# memory traffic is not: XLA's estimate of d16's token draws on a v5p falls from 35 to 14 ms). On CPU 1: 32
-# passes of one compare, the fewest operations (4 bits made the CPU draws 2-6x slower). Same thresholds.
+# memory traffic is not, so fewer passes are faster in XLA's estimates). On CPU 1: 32 passes of one compare,
+# the fewest operations (wider passes made the CPU draws slower). Same thresholds.
 SEARCH_BITS = {'cpu': 1, 'gpu': 4, 'tpu': 4}
+
+
 def _largest_true(pred, shape, unroll: int = 1):
     """Per row, the largest uint32 t with pred(t) true, for pred true at 0 and monotone (true, then false).
 
@@ -46,7 +48,7 @@ def _largest_true(pred, shape, unroll: int = 1):
 
 def filter_logits(logits, *, top_k: int = 0, top_p=0.0, temperature=1.0, use_top_p: Optional[bool] = None,
                   search_unroll: int = 1):
-    """Temperature, then top-k, then top-p; removed entries become -inf (official order, VAR_SPEC 2.11).
+    """Temperature, then top-k, then top-p; removed entries become -inf (official order: sample_with_top_k_top_p_).
 
     top_k (static int, 0 = off): keep logits >= the k-th largest (ties kept, so > k may survive).
     top_p (0 = off): in ascending order drop the entries whose cumulative probability is
@@ -89,8 +91,8 @@ def categorical(key, logits):
 
     On CPU by inverse CDF, one uniform per row: ~4x cheaper there than `jax.random.categorical`, which
     draws a Gumbel variate for every vocabulary entry. On TPU / GPU that Gumbel-max draw, because there the
-    inverse CDF's cumulative sum over the vocabulary is the slow part (d16's draws on a v5p, XLA's estimate:
-    4.9 ms against 0.3 ms). The same distribution, not the same draws: a key samples differently on a CPU.
+    inverse CDF's cumulative sum over the vocabulary is the slow part (in XLA's estimates for TPU). The same
+    distribution, not the same draws: a key samples differently on a CPU.
     """
     if target_platform() != 'cpu':
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

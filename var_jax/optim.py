@@ -1,6 +1,6 @@
 """The official VAR optimizer: AdamW (0.9, 0.95) with its no-decay groups, lr and weight-decay schedules.
 
-lr = tblr * batch / 256 (VAR_SPEC 4), linear warm-up from wp0 * peak, then the 'lin0' schedule (or
+lr = tblr * batch / 256 (official utils/arg_util.py), linear warm-up from wp0 * peak, then the 'lin0' schedule (or
 'lin<pg>' with progressive training), a cosine weight-decay schedule and global-norm clipping.
 """
 import math

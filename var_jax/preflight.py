@@ -54,7 +54,7 @@ def check(config, mode: str, workdir: str) -> None:
         if 'tokenizer' in stages and tok.perceptual_weight > 0:
             need(os.path.isfile(tok.perceptual_weights_path),
                  f'tokenizer.perceptual_weight={tok.perceptual_weight} needs tokenizer.perceptual_weights_path, an '
-                 f'existing .npz (got {tok.perceptual_weights_path!r}); see README, Train')
+                 f'existing .npz (got {tok.perceptual_weights_path!r}); see docs/training.md')
     if mode in ('train', 'eval'):
         from var_jax import data  # validate_config does not load TensorFlow
         try:

@@ -28,8 +28,8 @@ def keep_freed_memory_on_cpu() -> bool:
 
     Why: XLA:CPU allocates each step's temporaries afresh. With glibc's defaults the big ones
     come from mmap or from per-thread arenas that are trimmed after the step, so every step
-    page-faults its whole working set back in: ~420k faults (1.6 GB) and ~13% of the time of a
-    bench-config transformer train step (benchmarks/train.py). One arena, no mmap and no
+    page-faults its whole working set back in, a visible share of a CPU train step's time
+    (benchmarks/train.py). One arena, no mmap and no
     trimming keep that memory mapped between steps; the cost is that the process keeps its peak
     heap. Must run before JAX first touches a device (the pool threads pick their arena then);
     later it changes nothing. Not applied when a GPU / TPU backend is installed: there host

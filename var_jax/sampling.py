@@ -1,4 +1,5 @@
-"""KV-cached class-conditional sampling and zero-shot editing with VAR (VAR_SPEC 2.10-2.12).
+"""KV-cached class-conditional sampling and zero-shot editing with VAR (official
+models/var.py, VAR.autoregressive_infer_cfg).
 
 One `jax.jit`-compiled function runs the whole next-scale loop: a Python loop over the static
 scale sizes (unrolled, so every shape is static), a KV cache per block that each scale returns grown by
@@ -98,10 +99,10 @@ def _scale_loop(vqvae, var, top_k, use_top_p, more_smooth, return_logits,
     return res
 
 
-# XLA's optimisation effort for the sampler's programs on TPU: the least. On a v5p, d16's scale loop then
-# compiles in 32 s instead of 119 s and its decode in 16 s instead of 139 s (2 CPU cores), and XLA's own runtime
-# estimates barely move: 0.255 vs 0.264 s, 0.093 vs 0.090 s (README, Benchmarks: benchmarks/aot.py). Elsewhere
-# XLA's default (on CPU the setting changed nothing measurable; on GPU it is not measured).
+# XLA's optimisation effort for the sampler's programs on TPU: the least. The scale loop and the decode then
+# compile several times faster and XLA's own runtime estimates barely move (docs/benchmarks.md, benchmarks/aot.py);
+# a sampler is compiled per setting, a train step once per run. Elsewhere XLA's default (on CPU the setting
+# changed nothing measurable; on GPU it is not measured).
 TPU_COMPILER_OPTIONS = {'exec_time_optimization_effort': -1.0}
 
 
@@ -310,7 +311,8 @@ def scale_keep_masks(mask, patch_nums: Sequence[int], batch_size: int, image_siz
 def edit(vqvae, vae_params, var, var_params, image, mask, labels=None, key=0, *, cfg: float = 1.5,
          top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0, more_smooth: bool = False,
          return_logits: bool = False):
-    """Zero-shot inpainting / outpainting / class-conditional editing (VAR_SPEC 2.12).
+    """Zero-shot inpainting / outpainting / class-conditional editing (the paper's zero-shot task
+    generalisation; official demo_zero_shot_edit.ipynb, its autoregressive_infer_cfg_with_mask).
 
     image: (B, R, R, 3) in [-1, 1] at the model resolution. mask: see `scale_keep_masks`
     (1 = keep the source; `rectangle_mask` builds the official box masks). labels: None (the
@@ -337,8 +339,8 @@ def teacher_forced(vqvae, vae_params, var, var_params, labels, idx_list):
     """The cached loop with every token forced to `idx_list` (per-scale (B, pn^2)) and cfg 0.
 
     Its 'logits' equal the full teacher-forced forward `var.apply(params, labels, x_wo_first)`
-    sliced per scale and its 'f_hat' equals `quantize.idx_to_fhat(idx_list)` (VAR_SPEC pitfall
-    23): a check of the KV cache, the scale inputs and the f_hat updates of the sampler.
+    sliced per scale and its 'f_hat' equals `quantize.idx_to_fhat(idx_list)`: a check of the KV cache,
+    the scale inputs and the f_hat updates of the sampler.
     """
     _check_models(vqvae, var)
     labels = _labels_array(var, labels, None)

@@ -1,7 +1,7 @@
 """Pre-tokenised training data (`data.pretokenize`): the frozen tokenizer's token maps, encoded once.
 
-Why: with images, every transformer step runs the frozen 256-px VQVAE encoder (on TPU ~20% of the step's
-FLOPs and most of its compile time). With a token cache the step reads token maps instead.
+Why: with images, every transformer step runs the frozen 256-px VQVAE encoder (on TPU a large share of the
+step's FLOPs and most of its compile time). With a token cache the step reads token maps instead.
 
 Views. Each training image is stored as `data.pretokenize_crops` views: view 0 is the eval-style center
 crop, views 1.. are random RxR crops of the same resized image (the train transform's resize and crop),

@@ -64,9 +64,9 @@ def padding(n: int, implementation: str, dtype) -> int:
 def sequence_minor() -> bool:
     """Whether q, k, v (and the sampler's KV cache) are sequence-minor, (B, H, hd, L), instead of head-major,
     (B, H, L, hd): on TPU, where a head-major (.., L, 64) array fills half of each 128-lane tile, so every read,
-    copy and slice of it moves twice its bytes; splash reads either layout. On a v5p (XLA's estimates): d16's
-    train step 0.219 -> 0.207 s and 28.4 -> 22.8 GiB of temporaries, its sampler loop 0.232 -> 0.208 s and
-    29.3 -> 18.5 GiB. Elsewhere head-major (XLA:CPU sampled 15% slower sequence-minor)."""
+    copy and slice of it moves twice its bytes; splash reads either layout. Sequence-minor saves both time
+    and temporaries in XLA's estimates of the train step and the sampler (docs/benchmarks.md). Elsewhere
+    head-major: XLA:CPU samples slower sequence-minor."""
     return target_platform() == 'tpu'
 
 
@@ -106,9 +106,9 @@ def attend_cached(q, k, v, *, scale: float, implementation: str = 'auto', seq_mi
     (B, H, hd, .). Returns (B, H, N, hd).
 
     Splash (from CACHED_SPLASH_MIN_QUERIES queries on): queries and keys padded to whole tiles, the padded
-    keys masked. XLA's dense path writes and reads float32 (B, H, N, S) logits, which at d16's last
-    scale takes 3.5 ms of a 7 ms block on a v5p (XLA's estimate) against splash's 1.3 ms; for a few
-    queries the dense logits are small and the kernel's tile padding costs more.
+    keys masked. XLA's dense path writes and reads float32 (B, H, N, S) logits, which at the last scales
+    are a large share of a block's time; for a few queries the dense logits are small and the kernel's tile
+    padding costs more.
     """
     axis = token_axis(seq_minor)
     n, total = q.shape[axis], k.shape[axis]

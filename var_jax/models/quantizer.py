@@ -1,4 +1,4 @@
-"""Multi-scale residual vector quantizer of VAR (VAR_SPEC 1.6-1.12).
+"""Multi-scale residual vector quantizer of VAR (official models/quant.py, VectorQuantizer2).
 
 A latent f (B, h, w, Cvae) is quantized coarse to fine: at scale k the residual is
 area-downsampled to pn_k x pn_k, snapped to the nearest code, the code map is bicubic-upsampled

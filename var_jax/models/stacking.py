@@ -27,7 +27,7 @@ def remat_policy(remat: str, fc1_kernel_shape=None):
         # fc1 is the one matmul of a block with a (C, hidden) kernel (qkv's and proj's are reshaped to
         # head-major, ada_lin's is (C, 6C), fc2's (hidden, C)). Its output, the widest activation of the block,
         # is recomputed: one more matmul per block. (Saving every other matmul by checkpoint_name instead
-        # was slower in XLA's estimate of the d16 step on a v5p: 0.245 s against 0.234 s, same memory.)
+        # was slower in XLA's estimate of the d16 step, for the same memory.)
         return lambda prim, *avals, **params: (not (len(avals) == 2 and avals[1].shape == fc1_kernel_shape)
                                                and dots(prim, *avals, **params))
     return {'none': None, 'dots': dots, 'full': None}[remat]

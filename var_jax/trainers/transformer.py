@@ -1,4 +1,4 @@
-"""Stage 2: the VAR transformer on the frozen tokenizer's tokens, the official recipe (VAR_SPEC 4).
+"""Stage 2: the VAR transformer on the frozen tokenizer's tokens, the official recipe (train.py, trainer.py).
 
 Each step tokenizes the batch with the frozen VQVAE (or, with data.pretokenize, reads token maps the frozen
 VQVAE encoded once: `pretokenized_batches`), builds the teacher-forcing input and takes the plain mean
