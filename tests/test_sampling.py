@@ -13,6 +13,7 @@ import pytest
 
 from var_jax import draws, sample_batches, sampling
 from var_jax.convert import convert_vae, convert_var
+from var_jax.models import attention as attn_lib
 from var_jax.models.platform import compile_target
 from var_jax.models.resize import resize
 from var_jax.models.var import VAR, begin_ends
@@ -61,7 +62,7 @@ def test_greedy_sampling_matches_official(tiny, g, attention, monkeypatch):
     """attention='splash' runs the TPU sampler's path: the Pallas kernel (interpret mode on CPU) on
     sequence-minor q, k, v and KV cache."""
     if attention == 'splash':  # a model of its own: its compiled sampler is cached apart from the others
-        monkeypatch.setattr(sampling.attention, 'sequence_minor', lambda: True)
+        monkeypatch.setattr(attn_lib, 'sequence_minor', lambda: True)
     z = tiny.z
     vae, vp, var, tp = _models(tiny)
     res = sampling.sample(vae, vp, var.clone(attention=attention), tp, z[f'sample/cfg{g}/label_B'],
