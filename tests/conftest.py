@@ -34,6 +34,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+import train_runs  # noqa: E402  (its runs start from background_jobs below)
+from train_runs import finished_run, resumed_runs, sharded, train_runs_fixture  # noqa: E402, F401
+
 if _SESSION_CACHE and not jax.config.jax_compilation_cache_dir:  # jax was imported before this file
     jax.config.update('jax_compilation_cache_dir', _SESSION_CACHE)
 # Parity with the official float32 outputs needs full-precision matmuls on every backend.
@@ -52,14 +55,23 @@ def pytest_sessionfinish(session):
 
 
 class BackgroundJobs:
-    """A first-in first-out lane of slow jobs (functions that start subprocesses and wait for them)."""
+    """A first-in first-out lane of slow jobs (functions that start subprocesses and wait for them), the one
+    place the test modules keep their jobs' futures (by name) and what several modules share (`shared`)."""
 
     def __init__(self, lanes=BACKGROUND_LANES):
         self._pool = concurrent.futures.ThreadPoolExecutor(lanes, thread_name_prefix='test_background')
-        self._closers = []
+        self._closers, self._futures, self.shared = [], {}, {}
 
-    def submit(self, fn, *args) -> concurrent.futures.Future:
-        return self._pool.submit(fn, *args)
+    def submit(self, fn, *args, name=None) -> concurrent.futures.Future:
+        future = self._pool.submit(fn, *args)
+        if name is not None:
+            self._futures[name] = future
+        return future
+
+    def result(self, name):
+        """The result of the job submitted as `name` (waits for it; raises what it raised)."""
+        assert name in self._futures, f'background job {name!r} was not started (see its start_background)'
+        return self._futures[name].result()
 
     def on_close(self, fn):
         """fn() runs at the end of the session, before waiting for the lane (e.g. kills its subprocesses)."""
@@ -74,17 +86,21 @@ class BackgroundJobs:
 @pytest.fixture(scope='session', autouse=True)
 def background_jobs(request, tmp_path_factory):
     """Before the first test, calls `start_background(jobs, items, tmp_path_factory, config)` of every selected
-    module that defines it (items: its selected tests), in the order of the tests: the jobs the earlier modules
-    need run first. A module's tests then wait for the futures of its jobs."""
+    module that defines it (items: its selected tests), and of tests/train_runs.py (items: every selected test
+    that uses its fixtures) where the first such test is, in the order of the tests: the jobs the earlier modules
+    need run first. The tests then wait for the results of their jobs."""
     jobs = BackgroundJobs()
     modules = {}
     for item in request.session.items:
         if getattr(item, 'module', None) is not None:
             modules.setdefault(item.module, []).append(item)
+    train_runs_items = [i for i in request.session.items if set(i.fixturenames) & set(train_runs.FIXTURES)]
     try:
         for module, items in modules.items():
             if hasattr(module, 'start_background'):
                 module.start_background(jobs, items, tmp_path_factory, request.config)
+            if 'train_runs' not in jobs.shared and set(items) & set(train_runs_items):
+                train_runs.start_background(jobs, train_runs_items, tmp_path_factory, request.config)
         yield jobs
     finally:
         jobs.close()

@@ -119,21 +119,17 @@ def _worker_main(write_dir, read_dir):
 # ----------------------------------------------------------------------------
 
 
-_CROSS_DEVICE = {}  # "future": the worker's run, a background job of the session (start_background)
-
-
 def start_background(jobs, items, tmp_path_factory, config):
     """tests/conftest.py (background_jobs) calls this before the session's first test: the worker runs on the
     session's background lane while the tests before this module run."""
     if any("cross_device" in item.fixturenames for item in items):
-        _CROSS_DEVICE["future"] = jobs.submit(_run_cross_device, tmp_path_factory.mktemp("xdev"))
+        jobs.submit(_run_cross_device, tmp_path_factory.mktemp("xdev"), name="cross_device")
 
 
 @pytest.fixture(scope="module")
-def cross_device():
-    """Runs the 4-device worker once; returns (its JSON, dir it wrote)."""
-    assert "future" in _CROSS_DEVICE, "tests/conftest.py (background_jobs) starts the worker"
-    return _CROSS_DEVICE["future"].result()
+def cross_device(background_jobs):
+    """The 4-device worker's run: (its JSON, dir it wrote)."""
+    return background_jobs.result("cross_device")
 
 
 def _run_cross_device(base):

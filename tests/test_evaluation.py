@@ -300,9 +300,6 @@ def _run(args, log, env, procs, timeout=900):
     return p
 
 
-_E2E = {}  # 'future': the end-to-end runs, a background job of the session (start_background)
-
-
 def start_background(jobs, items, tmp_path_factory, config):
     """conftest's background_jobs calls this before the session's first test: the end-to-end runs (with files of
     their own) go on its background lane, so they run while the tests before them run."""
@@ -314,15 +311,14 @@ def start_background(jobs, items, tmp_path_factory, config):
         cache_dir = str(tmp_path_factory.mktemp('eval_jax_cache'))
     procs = []
     jobs.on_close(lambda: [p.kill() for p in procs if p.poll() is None])
-    _E2E['future'] = jobs.submit(_end_to_end, tmp_path_factory.mktemp('eval_e2e'), cache_dir, procs)
+    jobs.submit(_end_to_end, tmp_path_factory.mktemp('eval_e2e'), cache_dir, procs, name='eval_end_to_end')
 
 
 @pytest.mark.slow
-def test_eval_end_to_end_killed_and_resumed():
+def test_eval_end_to_end_killed_and_resumed(background_jobs):
     """main.py --mode=eval, run A uninterrupted; run B SIGKILLed after its 2nd of 4 sample shards, then run again:
     A and B agree exactly (metrics, samples) and B's first shards are untouched (see _end_to_end)."""
-    assert 'future' in _E2E, 'tests/conftest.py (background_jobs) starts the runs'
-    _E2E['future'].result()
+    background_jobs.result('eval_end_to_end')
 
 
 def _end_to_end(tmp_path, cache_dir, procs):

@@ -8,9 +8,10 @@ import pytest
 
 from var_jax.models import attention
 
-from test_attention import SIZES, reference
+from attention_reference import SIZES, reference
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs an NVIDIA GPU (cuDNN attention)')
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs an NVIDIA GPU (cuDNN attention)')]
 
 
 @pytest.fixture(scope='module')

@@ -195,20 +195,16 @@ def _worker_main():
 # ----------------------------------------------------------------------------
 
 
-_WORKER = {}  # "future": the worker's run, a background job of the session (start_background)
-
-
 def start_background(jobs, items, tmp_path_factory, config):
     """tests/conftest.py (background_jobs) calls this before the session's first test: the worker runs on the
     session's background lane while the tests before this module run."""
     if any("worker" in item.fixturenames for item in items):
-        _WORKER["future"] = jobs.submit(_run_worker)
+        jobs.submit(_run_worker, name="sharding_worker")
 
 
 @pytest.fixture(scope="module")
-def worker():
-    assert "future" in _WORKER, "tests/conftest.py (background_jobs) starts the worker"
-    return _WORKER["future"].result()
+def worker(background_jobs):
+    return background_jobs.result("sharding_worker")
 
 
 def _run_worker():

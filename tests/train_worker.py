@@ -1,4 +1,4 @@
-"""Subprocess half of tests/test_train.py (a script; pytest does not collect it). Two modes:
+"""Subprocess half of tests/train_runs.py (a script; pytest does not collect it). Two modes:
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu \
         python tests/train_worker.py sharded OUT_DIR
@@ -27,7 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
-# Shared with tests/test_train.py (which imports this module for them).
+# Shared with the tests of training (which import this module for them).
 VAE = dict(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4))
 VAR = dict(depth=2, embed_dim=64, num_heads=2, num_classes=5, drop_path_rate=0.1, cond_drop_rate=0.1)
 OPTIM = dict(tblr=0.05, warmup_steps=0, wp0=0.005, wpe=0.1, wd=0.05, wd_end=0.05, clip=2.0, beta1=0.9, beta2=0.95)
