@@ -74,6 +74,12 @@ def main(argv):
     user_errors = (preflight.ConfigError, checkpoint.ConfigMismatchError, checkpoint.ParamsFileError,
                    FileNotFoundError)
     try:
+        if config.init_from.startswith('hf:'):  # official weights by name: fetched and converted once (var_jax.hub)
+            from var_jax import hub
+            try:
+                config.init_from = hub.resolve_init_from(config.init_from)
+            except (ValueError, ImportError) as e:
+                _fail(EXIT_BAD_INPUT, f'init_from: {e}')
         preflight.check(config, FLAGS.mode, workdir)
         print(f'{FLAGS.mode}: workdir {workdir}, {jax.device_count()} {jax.default_backend()} devices on '
               f'{jax.process_count()} hosts', flush=True)

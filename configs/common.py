@@ -30,7 +30,7 @@ def base_config():
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.stages = 'tokenizer,transformer'   # which stages `--mode=train` runs, in order
-    c.init_from = ''                     # converted official checkpoint / a run's export/: skips what it holds
+    c.init_from = ''                     # converted checkpoint, a run's export/ or hf:NAME: skips what it holds
     c.distributed = False                # jax.distributed.initialize() (multi-host GPU / TPU pods)
     # XLA's persistent compilation cache: a rerun loads its compiled steps instead of compiling them again
     # (minutes on TPU). '' = off; $JAX_COMPILATION_CACHE_DIR, when set, takes precedence.
@@ -119,6 +119,7 @@ def imagenet_config(depth, *, batch_size, epochs, tblr, alng, wpe, wd_end=0.05, 
 
     Convert the tokenizer first and point init_from at it:
         python -m var_jax.convert --vae vae_ch160v4096z32.pth --out checkpoints/vae
+    or let the run fetch and convert it: --config.init_from=hf:vae (hf:vae-512 for 512 px; var_jax.hub).
     """
     c = base_config()
     c.stages = 'transformer'

@@ -249,6 +249,24 @@ def default_patch_nums(var_state_dict=None) -> tuple:
 
 
 # --- LPIPS-VGG (the tokenizer's perceptual loss) ----------------------------------------------
+def convert_files(vae_path: str, var_path: Optional[str] = None, patch_nums: Optional[Sequence[int]] = None,
+                  num_heads: Optional[int] = None):
+    """Official .pth files -> ({'vae': kwargs[, 'var': kwargs]}, {'vae': params[, 'var': params]}), what
+    `checkpoint.save_pretrained` writes; patch_nums defaults to the VAR's schedule (`default_patch_nums`)."""
+    var_sd = load_torch_state_dict(var_path) if var_path else None
+    pns = tuple(patch_nums) if patch_nums else default_patch_nums(var_sd)
+    vae_cfg, vae_params = convert_vae(load_torch_state_dict(vae_path), pns)
+    cfgs, params = {'vae': vae_cfg}, {'vae': vae_params}
+    if var_sd is not None:
+        var_cfg, params['var'] = convert_var(var_sd, pns, num_heads)
+        cfgs['var'] = var_cfg
+        if (var_cfg['vocab_size'], var_cfg['cvae']) != (vae_cfg['vocab_size'], vae_cfg['z_channels']):
+            raise CheckpointMismatchError(
+                f"the VAR expects vocabulary {var_cfg['vocab_size']} and Cvae {var_cfg['cvae']} but the VQVAE has "
+                f"{vae_cfg['vocab_size']} and {vae_cfg['z_channels']}: use the tokenizer it was trained with")
+    return cfgs, params
+
+
 def _read_lpips_pth(path: str) -> dict:
     try:
         return load_torch_state_dict(path)
@@ -331,17 +349,8 @@ def main(argv=None):
         return
     if not args.vae:
         p.error('give --vae (and optionally --var), or --lpips_vgg16 and --lpips_lin')
-    var_sd = load_torch_state_dict(args.var) if args.var else None
-    pns = tuple(int(x) for x in args.patch_nums.split(',')) if args.patch_nums else default_patch_nums(var_sd)
-    vae_cfg, vae_params = convert_vae(load_torch_state_dict(args.vae), pns)
-    cfgs, params = {'vae': vae_cfg}, {'vae': vae_params}
-    if var_sd is not None:
-        var_cfg, params['var'] = convert_var(var_sd, pns, args.num_heads)
-        cfgs['var'] = var_cfg
-        if (var_cfg['vocab_size'], var_cfg['cvae']) != (vae_cfg['vocab_size'], vae_cfg['z_channels']):
-            raise CheckpointMismatchError(
-                f"the VAR expects vocabulary {var_cfg['vocab_size']} and Cvae {var_cfg['cvae']} but the VQVAE has "
-                f"{vae_cfg['vocab_size']} and {vae_cfg['z_channels']}: use the tokenizer it was trained with")
+    pns = tuple(int(x) for x in args.patch_nums.split(',')) if args.patch_nums else None
+    cfgs, params = convert_files(args.vae, args.var, pns, args.num_heads)
     checkpoint.save_pretrained(args.out, cfgs, params)
     n = sum(x.size for x in jax.tree.leaves(params))
     print(f'wrote {args.out}: {n:,} parameters; ' + '; '.join(f'{k.upper()} {v}' for k, v in cfgs.items()))
