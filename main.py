@@ -55,6 +55,16 @@ def parse_flags(argv):
     return rest
 
 
+def _resume_note(mode: str, workdir: str) -> str:
+    """For an error in the middle of training: the checkpoints on disk are complete (fit waits for the save in
+    flight) and the same command resumes from the newest."""
+    import glob
+    saved = [p for p in glob.glob(os.path.join(workdir, '*', 'checkpoints', '*')) if os.path.basename(p).isdigit()]
+    if mode != 'train' or not saved:
+        return ''
+    return f'\n{workdir} keeps its complete checkpoints: fix the above and run the same command again to resume'
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -64,15 +74,14 @@ def main(argv):
     from var_jax import runtime
     runtime.keep_freed_memory_on_cpu()  # before JAX starts its thread pool
     import jax
-    from var_jax import checkpoint, preflight
+    from var_jax import preflight
+    from var_jax.errors import UserError
     from var_jax.trainers import loop
     if config.distributed:
         jax.distributed.initialize()
     runtime.use_compile_cache(config.compile_cache_dir)
     workdir = FLAGS.workdir or os.path.join(
         'workdirs', os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS['config'])))[0])
-    user_errors = (preflight.ConfigError, checkpoint.ConfigMismatchError, checkpoint.ParamsFileError,
-                   FileNotFoundError)
     try:
         if config.init_from.startswith('hf:'):  # official weights by name: fetched and converted once (var_jax.hub)
             from var_jax import hub
@@ -94,8 +103,8 @@ def main(argv):
         else:
             from var_jax import generate
             generate.run(config, workdir)
-    except user_errors as e:
-        _fail(EXIT_BAD_INPUT, str(e))
+    except UserError as e:  # var_jax/errors.py: everything a user can fix
+        _fail(EXIT_BAD_INPUT, str(e) + _resume_note(FLAGS.mode, workdir))
     except loop.NonFiniteError as e:
         _fail(EXIT_NONFINITE, str(e))
     except loop.Preempted as e:

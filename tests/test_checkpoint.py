@@ -358,3 +358,68 @@ def test_typed_keys_and_missing_checkpoint(tmp_path):
 
 if __name__ == "__main__":
     _worker_main(sys.argv[1], sys.argv[2])
+
+
+def _fill_the_disk(ckpt, state):
+    """Saves `state` as step 2 after step 1 of a small one; returns the error the save (or its wait) raised."""
+    import pytest
+
+    from var_jax.errors import DiskFullError
+
+    with pytest.raises(DiskFullError) as e:
+        ckpt.save(2, state)
+        ckpt.wait()
+    return str(e.value)
+
+
+def test_full_disk_is_one_message_and_keeps_the_previous_checkpoint(tmp_path):
+    """A real full disk (a 1 MiB tmpfs; needs the right to mount, e.g. root in a container): the save of a
+    checkpoint that does not fit fails with one DiskFullError naming the directory and the size, leaves no
+    partial step behind, and step 1 restores."""
+    import subprocess
+
+    import jax
+    import jax.numpy as jnp
+    import pytest
+
+    from var_jax.checkpoint import Checkpointer
+
+    disk = tmp_path / 'disk'
+    disk.mkdir()
+    if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', str(disk)], capture_output=True).returncode:
+        pytest.skip('cannot mount a small tmpfs here (not root); test_full_disk_simulated covers the translation')
+    try:
+        small = {'w': jnp.ones((100,)), 'step': jnp.asarray(1)}
+        big = {'w': jnp.ones((100,)), 'step': jnp.asarray(2), 'x': jax.random.normal(jax.random.PRNGKey(0), (600_000,))}
+        with Checkpointer(disk, max_to_keep=3, save_every=1) as ckpt:
+            ckpt.save(1, small)
+            ckpt.wait()
+            msg = _fill_the_disk(ckpt, big)
+        assert msg.startswith('no space left on the disk of ' + str(disk / 'checkpoints')) and '2.3 MiB' in msg, msg
+        assert os.listdir(disk / 'checkpoints') == ['1']
+        with Checkpointer(disk, max_to_keep=3, save_every=1) as ckpt:
+            assert ckpt.all_steps() == [1] and int(ckpt.restore(small)['step']) == 1
+    finally:
+        subprocess.run(['umount', str(disk)])
+
+
+def test_full_disk_simulated(tmp_path, monkeypatch):
+    """The same translation where no tmpfs can be mounted: tensorstore's ENOSPC text, raised by the save."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from var_jax.checkpoint import Checkpointer
+
+    state = {'w': jnp.ones((100,)), 'step': jnp.asarray(1)}
+    with Checkpointer(tmp_path, max_to_keep=3, save_every=1) as ckpt:
+        ckpt.save(1, state)
+        ckpt.wait()
+
+        def full(*args, **kwargs):
+            raise ValueError("RESOURCE_EXHAUSTED: Failed to write 400 bytes: No space left on device [os_error_code='28']")
+        monkeypatch.setattr(ocp.CheckpointManager, 'save', full)
+        msg = _fill_the_disk(ckpt, state)
+    assert str(tmp_path / 'checkpoints') in msg and 'MiB' in msg and 'run the same command again' in msg, msg
+    monkeypatch.undo()
+    with Checkpointer(tmp_path, max_to_keep=3, save_every=1) as ckpt:
+        assert ckpt.all_steps() == [1] and int(ckpt.restore(state)['step']) == 1

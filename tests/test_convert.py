@@ -109,7 +109,7 @@ def test_buffers_are_validated(golden):
         convert.convert_var(sd, GOLDEN_PATCH_NUMS)
 
 
-def test_head_count_without_l2_norm_is_never_guessed(golden, tmp_path):
+def test_head_count_without_l2_norm_is_never_guessed(golden, tmp_path, capsys):
     """Without scale_mul_1H11 no tensor fixes the head count: the converter refuses to guess (the tiny
     golden VAR has 2 heads of width 32; the official-width guess C // 64 would give 1 and wrong logits),
     and --num_heads supplies it."""
@@ -129,8 +129,10 @@ def test_head_count_without_l2_norm_is_never_guessed(golden, tmp_path):
     for part, state in (('vae', golden_state_dict(golden, 'vae/')), ('var', sd)):
         torch.save({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, tmp_path / f'{part}.pth')
     args = ['--vae', str(tmp_path / 'vae.pth'), '--var', str(tmp_path / 'var.pth'), '--patch_nums', '1,2,4,8']
-    with pytest.raises(convert.CheckpointMismatchError, match='--num_heads'):
+    with pytest.raises(SystemExit) as e:  # the command line: one line, exit code 2
         convert.main(args + ['--out', str(tmp_path / 'guess')])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith('error: ') and '--num_heads' in err and 'Traceback' not in err, err
     convert.main(args + ['--out', str(tmp_path / 'out'), '--num_heads', '2'])
     assert json.load(open(tmp_path / 'out' / 'model.json'))['var']['num_heads'] == 2
 
@@ -192,3 +194,22 @@ def test_params_saved_per_block_load_stacked(golden, tmp_path):
     checkpoint.save_pretrained(str(tmp_path / 'old'), {'var': cfg}, {'var': old})
     _, loaded = checkpoint.load_pretrained(str(tmp_path / 'old'))
     jax.tree.map(np.testing.assert_array_equal, loaded['var'], params)
+
+
+def test_converter_command_line_bad_files_exit_2_with_one_line(golden, tmp_path, capsys):
+    """python -m var_jax.convert: a missing file, a file that is not a checkpoint, a checkpoint that is not a
+    state dict, the state dict of another model: one line on stderr each, exit code 2, nothing written."""
+    torch = pytest.importorskip('torch')
+    (tmp_path / 'garbage.pth').write_bytes(b'not a zip or pickle at all')
+    torch.save([1, 2, 3], tmp_path / 'list.pth')
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in golden_state_dict(golden, 'var/').items()},
+               tmp_path / 'var.pth')
+    cases = {'missing.pth': 'not found', 'garbage.pth': 'not a readable PyTorch checkpoint',
+             'list.pth': 'not a state dict', 'var.pth': 'missing'}
+    for name, message in cases.items():
+        with pytest.raises(SystemExit) as e:
+            convert.main(['--vae', str(tmp_path / name), '--out', str(tmp_path / 'out')])
+        err = capsys.readouterr().err
+        assert e.value.code == 2, (name, err)
+        assert err.startswith('error: ') and message in err and 'Traceback' not in err, (name, err)
+        assert not os.path.exists(tmp_path / 'out'), name

@@ -134,7 +134,7 @@ def _torch_layout_zeros():
     return sd
 
 
-def test_converter_rejects_other_state_dicts(tmp_path):
+def test_converter_rejects_other_state_dicts(tmp_path, capsys):
     """A torchvision ImageNet Inception (1000 classes, aux head) is not the FID one: one report, with the source."""
     sd = _torch_layout_zeros()
     assert len(jax.tree.leaves(convert.convert_inception(sd))) == len(sd)
@@ -143,8 +143,9 @@ def test_converter_rejects_other_state_dicts(tmp_path):
     with pytest.raises(convert.CheckpointMismatchError, match='(?s)unexpected: AuxLogits.*mis-shaped: .*fc.weight.*'
                                                               'pytorch-fid/releases'):
         convert.convert_inception(sd)
-    with pytest.raises(FileNotFoundError, match='pytorch-fid/releases'):
+    with pytest.raises(SystemExit) as e:
         convert.main(['--inception', str(tmp_path / inception.PTH_FILE), '--out', str(tmp_path / 'x.npz')])
+    assert e.value.code == 2 and 'pytorch-fid/releases' in capsys.readouterr().err
     with pytest.raises(SystemExit):
         convert.main(['--inception', 'a.pth', '--vae', 'b.pth', '--out', str(tmp_path / 'x.npz')])
     assert not os.path.exists(tmp_path / 'x.npz')

@@ -65,7 +65,7 @@ def _imports(path):
 
 def test_import_rules_of_the_architecture():
     """docs/ARCHITECTURE.md's import rules, on every module's import statements: models import nothing outside
-    models/; the sampler and its draws import no training, input pipeline or TensorFlow; training imports no
+    models/ but the error classes (var_jax/errors.py, which imports nothing); the sampler and its draws import no training, input pipeline or TensorFlow; training imports no
     command module and not the torch converter; torch is imported by convert.py only."""
     root = os.path.join(REPO, 'var_jax')
     broken = []
@@ -78,7 +78,7 @@ def test_import_rules_of_the_architecture():
             _, anywhere = _imports(path)
             ours = {m for m in anywhere if m.startswith('var_jax')}
             if rel.startswith('var_jax/models/'):
-                broken += [(rel, m) for m in ours if not m.startswith('var_jax.models')]
+                broken += [(rel, m) for m in ours if not m.startswith(('var_jax.models', 'var_jax.errors'))]
             if rel in ('var_jax/sampling.py', 'var_jax/draws.py'):
                 broken += [(rel, m) for m in anywhere
                            if m.startswith(('var_jax.trainers', 'var_jax.data', 'tensorflow', 'var_jax.api'))]

@@ -16,30 +16,35 @@ from var_jax.trainers import loop
 # =============================================================================================
 # Non-finite handling in fit (the step-level checks: tests/test_train_multidevice.py)
 # =============================================================================================
-def test_fit_raises_nonfinite_error_naming_last_good_checkpoint(tmp_path):
-    """A NaN at step 3 (0-based 2) is caught at the next log/save boundary (4), before saving it."""
+def _toy_fit(tmp_path, total_steps, on_sample=None, nan_at=-1):
+    """loop.fit on a one-matrix model (SGD on the synthetic images' mean), saving every 2 steps asynchronously,
+    a sample grid every 4; the loss is NaN at step `nan_at`."""
     from configs.common import base_config
     from var_jax import sharding
-    from var_jax.checkpoint import Checkpointer
     config = base_config()
-    config.update(dict(seed=0, keep_checkpoints=3, save_every=2, log_every=2, sample_every=1000))
+    config.update(dict(seed=0, keep_checkpoints=5, save_every=2, log_every=2, sample_every=4))
     config.data.update(dict(data_dir=str(tmp_path / 'data'), image_size=8, synthetic_train_size=16,
                             synthetic_test_size=4))
     tx = optax.sgd(0.1)
     state = loop.new_state({'w': jnp.ones((2, 2))}, tx, 0)
     mesh = sharding.make_mesh(1, jax.devices()[:1])
-    shardings = sharding.param_sharding(mesh, state)
 
     def step_fn(state, batch):
         def loss_fn(p):
-            scale = jnp.where(state['step'] == 2, jnp.nan, jnp.mean(batch['image']) ** 2 + 1)
+            scale = jnp.where(state['step'] == nan_at, jnp.nan, jnp.mean(batch['image']) ** 2 + 1)
             return jnp.sum(p['w'] ** 2) * scale
         loss, grads = jax.value_and_grad(loss_fn)(state['params'])
         return loop.apply_update(state, grads, tx, loss, optax.tree.norm(grads)), dict(loss=loss)
+    return loop.fit('toy', str(tmp_path), config, state=state, state_shardings=sharding.param_sharding(mesh, state),
+                    mesh=mesh, step_fn=step_fn, step_args=(), total_steps=total_steps, batch_size=4,
+                    on_sample=on_sample)
 
+
+def test_fit_raises_nonfinite_error_naming_last_good_checkpoint(tmp_path):
+    """A NaN at step 3 (0-based 2) is caught at the next log/save boundary (4), before saving it."""
+    from var_jax.checkpoint import Checkpointer
     with pytest.raises(loop.NonFiniteError) as e:
-        loop.fit('toy', str(tmp_path), config, state=state, state_shardings=shardings, mesh=mesh,
-                  step_fn=step_fn, step_args=(), total_steps=8, batch_size=4)
+        _toy_fit(tmp_path, 8, nan_at=2)
     stage_dir = str(tmp_path / 'toy')
     assert 'step 2' in str(e.value) and stage_dir in str(e.value), str(e.value)
     with Checkpointer(stage_dir) as ckpt:
@@ -130,3 +135,23 @@ def test_ctrl_c_while_a_checkpoint_is_written_exits_cleanly(tmp_path, train_runs
     assert steps and steps[0] == 4 and steps[-1] <= 8, steps  # step 8's save was in flight
     state = restore_raw(os.path.join(work, 'tokenizer', 'checkpoints', str(steps[-1]), 'state'))
     assert int(state['step']) == steps[-1]
+
+
+def test_an_error_at_a_sample_grid_keeps_the_checkpoint_being_written(tmp_path, capsys):
+    """The sample grid at step 4 fails right after step 4's asynchronous save started: fit lets the save finish
+    before the error leaves it, so step 4 is complete on disk (not a tmp directory that the next start deletes),
+    and the rerun resumes from it."""
+    from var_jax.checkpoint import Checkpointer
+    from var_jax.errors import ConfigError
+
+    def failing_grid(params, step):
+        raise ConfigError(f'a bad sample setting at step {step}')
+    with pytest.raises(ConfigError, match='step 4'):
+        _toy_fit(tmp_path, 8, on_sample=failing_grid)
+    ckpts = tmp_path / 'toy' / 'checkpoints'
+    assert not [d for d in os.listdir(ckpts) if 'tmp' in d], os.listdir(ckpts)
+    with Checkpointer(str(tmp_path / 'toy')) as ckpt:
+        assert ckpt.all_steps() == [2, 4]
+    capsys.readouterr()
+    final = _toy_fit(tmp_path, 8)
+    assert 'resumed from step 4 of' in capsys.readouterr().out and int(final['step']) == 8

@@ -13,6 +13,7 @@ torch is imported only to read .pth files:
 import argparse
 import os
 import re
+import sys
 from typing import Mapping, Optional, Sequence
 
 import jax
@@ -28,6 +29,7 @@ from var_jax.models.stacking import BLOCKS, stack_blocks, unstack_blocks
 from var_jax.models.var import (PATCH_NUMS_256, PATCH_NUMS_512, VAR, block_causal_mask, level_ids,
                                 var_config_for_depth)
 from var_jax.models.vqvae import VQVAE
+from var_jax.errors import MissingFileError, UserError
 
 
 # Official module paths -> ours (applied in order; remaining dots become path separators).
@@ -46,7 +48,7 @@ _VAR_BUFFERS = re.compile(r'^(lvl_1L|attn_bias_for_masking|blocks\.\d+\.attn\.ze
 _VAE_BUFFERS = re.compile(r'^quantize\.ema_vocab_hit_SV$')
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """A state dict that does not fit the model it describes."""
 
 
@@ -57,10 +59,20 @@ def load_torch_state_dict(path: str) -> dict:
     except ImportError as e:
         raise ImportError('reading .pth checkpoints needs PyTorch: pip install torch '
                           '(CPU is enough), or pass a mapping of key -> array instead') from e
-    obj = torch.load(path, map_location='cpu', weights_only=True)
-    if isinstance(obj, dict) and 'trainer' in obj:  # train.py checkpoint: {'trainer': {...}}
+    if not os.path.isfile(path):
+        raise MissingFileError(f'{path} not found: give the path of an official .pth file')
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a file that is not a checkpoint
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f'{path} is not a readable PyTorch checkpoint ({reason}); give an official .pth file '
+                        f'(a truncated download: fetch it again)') from None
+    if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict):  # train.py checkpoint: {'trainer': {...}}
         trainer = obj['trainer']
         obj = trainer.get('var_wo_ddp', trainer.get('vae_local'))
+    if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
+        raise UserError(f'{path} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors); '
+                        f'give an official .pth file such as vae_ch160v4096z32.pth or var_d16.pth')
     return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
 
 
@@ -282,7 +294,7 @@ def convert_lpips(vgg16_path: str, lin_path: str, out_path: str) -> None:
     the file `tokenizer.perceptual_weights_path` takes."""
     missing = [p for p in (vgg16_path, lin_path) if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f'{" and ".join(missing)} not found. {lpips.WHERE_TO_GET}')
+        raise MissingFileError(f'{" and ".join(missing)} not found. {lpips.WHERE_TO_GET}')
     vgg, lin = _read_lpips_pth(vgg16_path), _read_lpips_pth(lin_path)
     lpips.check_tensors(vgg, lpips.vgg16_torch_shapes(), vgg16_path)
     lpips.check_tensors(lin, lpips.lin_torch_shapes(), lin_path)
@@ -310,9 +322,9 @@ def convert_inception(state_dict) -> dict:
 def save_inception(pth_path: str, out_path: str) -> None:
     """Converts the FID Inception .pth once to the .npz that `config.eval.inception_path` takes."""
     if not os.path.isfile(pth_path):
-        raise FileNotFoundError(f'{pth_path} not found. {inception.WHERE_TO_GET}')
+        raise MissingFileError(f'{pth_path} not found. {inception.WHERE_TO_GET}')
     if not out_path.endswith('.npz'):
-        raise ValueError(f'--out {out_path}: the converted Inception is one .npz file; name it *.npz')
+        raise UserError(f'--out {out_path}: the converted Inception is one .npz file; name it *.npz')
     params = convert_inception(load_torch_state_dict(pth_path))
     with atomic_write(out_path) as tmp:
         np.savez(tmp, **inception.flatten_params(params))
@@ -320,6 +332,15 @@ def save_inception(pth_path: str, out_path: str) -> None:
 
 # --- the command line ---------------------------------------------------------------------------
 def main(argv=None):
+    """The command line; an error a user can fix ends in one line on stderr and exit code 2, as in main.py."""
+    try:
+        _main(argv)
+    except (UserError, ImportError) as e:
+        print(f'error: {e}', file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _main(argv):
     p = argparse.ArgumentParser(
         description='Convert official PyTorch weights (.pth) to var_jax files: VQVAE (+ VAR) to a params '
                     'directory (--vae [--var] --out DIR), or the LPIPS-VGG weights to one .npz '

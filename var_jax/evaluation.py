@@ -23,26 +23,27 @@ import numpy as np
 from var_jax import checkpoint, generate, metrics, reference_stats, sample_batches, sharding
 from var_jax.fileio import atomic_write
 from var_jax.models import inception
+from var_jax.errors import ConfigError, MissingFileError, UserError
 
 SAMPLE_KEYS = ('cfg', 'top_k', 'top_p', 'temperature', 'more_smooth', 'seed', 'labels')
 
 
-class EvalSettingsError(ValueError):
+class EvalSettingsError(UserError):
     """Shards on disk that another evaluation (other settings) wrote."""
 
 
-def _check_config(config) -> int:
-    """Shard size (a multiple of the device count); refuses settings that cannot evaluate."""
+def check_settings(config) -> int:
+    """Shard size (a multiple of the device count); refuses settings that cannot evaluate (preflight calls it)."""
     e, n_dev = config.eval, jax.device_count()
     if e.num_images < max(e.is_splits, e.pr_k + 1, 2):
-        raise ValueError(f'eval.num_images={e.num_images} is too small: the Inception Score takes '
+        raise ConfigError(f'eval.num_images={e.num_images} is too small: the Inception Score takes '
                          f'eval.is_splits={e.is_splits} splits and precision/recall k={e.pr_k} neighbours')
     if e.batch_size < 1 or e.num_images % e.batch_size:
         fits = max(d for d in range(1, max(e.batch_size, 1) + 1) if e.num_images % d == 0)
-        raise ValueError(f'eval.num_images={e.num_images} is not divisible by eval.batch_size={e.batch_size}: '
+        raise ConfigError(f'eval.num_images={e.num_images} is not divisible by eval.batch_size={e.batch_size}: '
                          f'every shard must be a full batch; choose e.g. --config.eval.batch_size={fits}')
     if e.batch_size % n_dev:
-        raise ValueError(f'eval.batch_size={e.batch_size} must be a multiple of the {n_dev} devices')
+        raise ConfigError(f'eval.batch_size={e.batch_size} must be a multiple of the {n_dev} devices')
     return e.batch_size
 
 
@@ -51,7 +52,7 @@ def _load_inception(path: str):
     if path.endswith('.pth'):
         from var_jax import convert
         if not os.path.isfile(path):
-            raise FileNotFoundError(f'Inception weights {path} not found. {inception.WHERE_TO_GET}')
+            raise MissingFileError(f'Inception weights {path} not found. {inception.WHERE_TO_GET}')
         return convert.convert_inception(convert.load_torch_state_dict(path))
     return inception.load_params(path)
 
@@ -158,7 +159,7 @@ def run(config, workdir: str) -> dict:
     TensorBoard scalars eval/{fid, sfid, inception_score, precision, recall} are logged at step num_images.
     """
     e, s = config.eval, config.sample
-    batch = _check_config(config)
+    batch = check_settings(config)
     params = _load_inception(e.inception_path)  # before anything slow: a missing file fails at once
     mesh = sharding.make_mesh(1)
     extractor = metrics.InceptionFeatures(params, mesh)

@@ -16,6 +16,7 @@ from var_jax import api, checkpoint, sample_batches, sharding
 from var_jax.fileio import atomic_write
 from var_jax.images import save_png
 from var_jax.models.vqvae import VQVAE
+from var_jax.errors import MissingFileError
 
 
 def load_models(config, workdir: str):
@@ -23,7 +24,7 @@ def load_models(config, workdir: str):
     path = checkpoint.find_trained_var(workdir, config.init_from)
     if path is None:
         candidates = [checkpoint.export_dir(workdir)] + ([config.init_from] if config.init_from else [])
-        raise FileNotFoundError(
+        raise MissingFileError(
             f'nothing to sample from: none of {candidates} holds a trained VAR (model.json with a "var" '
             f'entry). Train first (python main.py --config=... --workdir={workdir}) or set '
             f'--config.init_from to a directory written by python -m var_jax.convert --vae ... --var ...')

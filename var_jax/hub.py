@@ -16,6 +16,7 @@ from typing import Optional
 
 from var_jax import checkpoint
 from var_jax.models.var import PATCH_NUMS_512
+from var_jax.errors import MissingFileError
 
 REPO_ID = 'FoundationVision/var'
 VAE_FILE = 'vae_ch160v4096z32.pth'
@@ -47,7 +48,7 @@ def fetch(name: str, local_dir: Optional[str] = None) -> list:
         paths = [os.path.join(os.path.expanduser(local_dir), f) for f in files]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise FileNotFoundError(f'{", ".join(missing)} not found: download {", ".join(files)} from '
+            raise MissingFileError(f'{", ".join(missing)} not found: download {", ".join(files)} from '
                                     f'huggingface.co/{REPO_ID} into {local_dir}, or drop the directory to fetch '
                                     f'them with huggingface_hub')
         return paths
@@ -62,12 +63,12 @@ def fetch(name: str, local_dir: Optional[str] = None) -> list:
         try:
             paths.append(huggingface_hub.hf_hub_download(REPO_ID, f))
         except errors.LocalEntryNotFoundError:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f'{f} of {REPO_ID} is not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) and '
                 f'cannot be downloaded (offline: HF_HUB_OFFLINE or no network); run once online, or download it '
                 f'and use hf:{name}:DIR') from None
         except (errors.EntryNotFoundError, errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as e:
-            raise FileNotFoundError(f'huggingface.co/{REPO_ID} has no {f} ({type(e).__name__}); download the '
+            raise MissingFileError(f'huggingface.co/{REPO_ID} has no {f} ({type(e).__name__}); download the '
                                     f'files by hand and use hf:{name}:DIR') from None
     return paths
 

@@ -10,15 +10,13 @@ import os
 import jax
 
 from var_jax import checkpoint, sample_batches, sampling
+from var_jax.errors import ConfigError, UserError
+from var_jax.models import inception
 from var_jax.trainers import STAGES, stages_of
 from var_jax.models.quantizer import matmul_precision
 from var_jax.models.vqvae import decode_dtype
 
 MODES = ('train', 'sample', 'eval')
-
-
-class ConfigError(ValueError):
-    """Settings that cannot work; the message names every bad field and the fix."""
 
 
 def _int(value, low):
@@ -79,7 +77,19 @@ def check(config, mode: str, workdir: str) -> None:
         problems.append(str(e))
     if config.var.embed_dim % config.var.num_heads:
         problems.append(f'var.embed_dim={config.var.embed_dim} is not divisible by var.num_heads={config.var.num_heads}')
-    problems += _sample_problems(config.sample, config.vae.vocab_size, n_dev)
+    problems += _sample_problems(config.sample, config.vae.vocab_size, _num_classes(config, mode, problems))
+    if mode == 'train' and config.data.source == 'folder' and not problems:
+        problems += _folder_problems(config, stages_of(config), n_proc)
+    if mode == 'eval':
+        from var_jax import evaluation
+        try:
+            evaluation.check_settings(config)
+        except ConfigError as e:
+            problems.append(str(e))
+        path = config.eval.inception_path
+        need(path and os.path.isfile(path),
+             f'--mode=eval scores samples with the FID Inception: eval.inception_path={path!r} '
+             f'{"does not exist" if path else "is not set"}. {inception.WHERE_TO_GET}')
     if config.init_from:
         try:
             checkpoint.load_model_config(config.init_from)
@@ -90,7 +100,36 @@ def check(config, mode: str, workdir: str) -> None:
         raise ConfigError('the settings cannot work:\n  - ' + '\n  - '.join(problems))
 
 
-def _sample_problems(s, vocab_size: int, n_dev: int) -> list:
+def _num_classes(config, mode: str, problems: list) -> int:
+    """The classes of the model a training run will sample its grids from: var.num_classes, or with 0 the dataset's.
+    Elsewhere (sampling a trained run, or weights from init_from) the loaded model decides, before compiling."""
+    if mode != 'train' or config.init_from or problems or 'transformer' not in stages_of(config):
+        return 1 << 30
+    if config.var.num_classes > 0:
+        return config.var.num_classes
+    from var_jax import data
+    try:
+        return data.num_classes(config.data)
+    except UserError as e:
+        problems.append(str(e))
+        return 1 << 30
+
+
+def _folder_problems(config, stages, n_proc: int) -> list:
+    """An image folder's readable images (indexed once per run: each file decoded, unreadable ones skipped with
+    one warning naming them) must fill one per-host batch of every stage."""
+    from var_jax import data
+    try:
+        shard = data.sources.shard(data.validate_config(config.data), True, jax.process_index(), n_proc)
+    except UserError as e:
+        return [str(e)]
+    return [f'{stage}.batch_size={config[stage].batch_size}: the image folder {config.data.folder!r} has '
+            f'{shard.num_examples} readable training images per host, fewer than one per-host batch of '
+            f'{config[stage].batch_size // n_proc}; add images or lower {stage}.batch_size'
+            for stage in stages if stage in STAGES and shard.num_examples < config[stage].batch_size // n_proc]
+
+
+def _sample_problems(s, vocab_size: int, num_classes: int) -> list:
     """config.sample: used by --mode=sample / eval and by the sample grids during training."""
     problems = []
     for field in ('num_images', 'batch_size', 'ncols'):
@@ -102,7 +141,7 @@ def _sample_problems(s, vocab_size: int, n_dev: int) -> list:
     except ValueError as e:
         problems.append(f'sample.{e}')
     try:
-        sample_batches.parse_labels(s.labels, 1, 1 << 30)
+        sample_batches.parse_labels(s.labels, 1, num_classes)
     except ValueError as e:
         problems.append(str(e))
     return problems

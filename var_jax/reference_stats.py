@@ -22,6 +22,7 @@ import numpy as np
 from var_jax import metrics, sharding
 from var_jax.fileio import atomic_write
 from var_jax.models import inception
+from var_jax.errors import MissingFileError, UserError
 
 SPATIAL_DIM = inception.SPATIAL_DIM
 CACHE_VERSION = 1
@@ -31,7 +32,7 @@ _TRAIN_ONLY = ('random_flip', 'shuffle_buffer', 'in_memory_max_mb', 'train_split
                'pretokenize', 'pretokenize_crops')
 
 
-class ReferenceStatsError(ValueError):
+class ReferenceStatsError(UserError):
     """A reference that cannot serve: wrong kind or resolution, or a cache of other settings."""
 
 
@@ -70,7 +71,7 @@ def _npz_batches(path: str, name: str, batch: int):
 def _check_adm(path: str, image_size: int, min_images: int) -> bool:
     """Validates an ADM reference batch; returns whether it carries its own statistics."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'eval.reference={path} not found (an ADM reference batch such as '
+        raise MissingFileError(f'eval.reference={path} not found (an ADM reference batch such as '
                                 f'VIRTUAL_imagenet256_labeled.npz from guided-diffusion\'s evaluations/README)')
     header, names = _npz_header(path, 'arr_0')
     if header is None:

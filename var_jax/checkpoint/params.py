@@ -17,13 +17,14 @@ import orbax.checkpoint as ocp
 from var_jax.checkpoint.train_state import atomic_write_json
 from var_jax.models.stacking import BLOCKS, stack_blocks
 from var_jax.sharding import PyTree
+from var_jax.errors import MissingFileError, UserError
 
 
 # Model fields that choose how the math runs, not what it is: a params file fits whatever they are set to.
 COMPUTE_CHOICES = ('dtype', 'scan', 'remat', 'attention', 'encode_precision', 'decode_precision', 'decode_dtype')
 
 
-class ParamsFileError(ValueError):
+class ParamsFileError(UserError):
     """A params directory that is missing, unreadable or does not fit the model it should hold."""
 
 
@@ -83,7 +84,7 @@ def load_model_config(ckpt_dir: str) -> dict:
     """The model.json of a params directory: {'vae': kwargs[, 'var': kwargs]}, checked; cheap (no params)."""
     cfg_path = os.path.join(os.path.abspath(ckpt_dir), 'model.json')
     if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f'{cfg_path} not found: {ckpt_dir} is not a converted checkpoint or a run\'s '
+        raise MissingFileError(f'{cfg_path} not found: {ckpt_dir} is not a converted checkpoint or a run\'s '
                                 f'export; create one with python -m var_jax.convert --vae ... --var ... '
                                 f'--out {ckpt_dir}')
     try:

@@ -18,10 +18,13 @@ SIGTERM and `should_stop` asks orbax for the common sync point instead.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fnmatch
+import glob
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 from typing import Any, Iterable, Mapping, Optional, Sequence
@@ -33,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from var_jax.fileio import atomic_write_json
 from var_jax.sharding import PyTree
+from var_jax.errors import DiskFullError, MissingFileError, UserError
 
 STATE_ITEM = 'state'
 DAMAGED_SUBDIR = 'damaged_checkpoints'
@@ -40,7 +44,7 @@ CONFIG_ITEM = 'config'
 CONFIG_FILE = 'config.json'
 CHECKPOINT_SUBDIR = 'checkpoints'
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError):
     """The workdir holds checkpoints written with an incompatible config."""
 
 
@@ -122,6 +126,27 @@ def _quiet_orbax():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """ENOSPC anywhere down the chain: an OSError from Python, or tensorstore's error text (os_error_code 28)."""
+    while error is not None:
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (
+                'No space left on device' in str(error) or f"os_error_code='{errno.ENOSPC}'" in str(error)):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+class _SaveErrorsReachTheCaller(logging.Filter):
+    """Drops orbax's ERROR records while a Checkpointer is open: a failed save is logged by each of its writer
+    threads (a wall of tracebacks) and then raised to the caller by the next save / wait, which reports it once."""
+
+    def filter(self, record):
+        return not (record.levelno >= logging.ERROR and f'{os.sep}orbax{os.sep}' in record.pathname)
+
+
+_SAVE_ERRORS_FILTER = _SaveErrorsReachTheCaller()
 
 
 def _flag_value(value) -> str:
@@ -245,6 +270,8 @@ class Checkpointer:
             self.directory, options=options, item_names=(STATE_ITEM, CONFIG_ITEM)
         )
         self._preemption = PreemptionHandler()
+        self._checkpoint_bytes = 0  # of the last save, for the message of a full disk
+        logging.getLogger('absl').addFilter(_SAVE_ERRORS_FILTER)
         self._config = config_to_dict(config)
         if self._config is not None:
             while True:  # the newest step's config must be readable to compare with; else set it aside
@@ -305,7 +332,28 @@ class Checkpointer:
         items = {STATE_ITEM: ocp.args.StandardSave(state)}
         if self._config is not None:
             items[CONFIG_ITEM] = ocp.args.JsonSave(self._config)
-        return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+        self._checkpoint_bytes = sum(getattr(x, 'nbytes', 0) for x in jax.tree.leaves(state))
+        with self._disk_full_is_an_error():
+            return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+    @contextlib.contextmanager
+    def _disk_full_is_an_error(self):
+        """A save that runs out of space (now, or in the writer thread of the last one) becomes one DiskFullError
+        naming the directory and the space a checkpoint takes; the steps saved before stay restorable."""
+        try:
+            yield
+        except Exception as e:  # orbax may wrap the OSError: look down the chain
+            if not _is_disk_full(e):
+                raise
+            if jax.process_index() == 0:  # the unfinished step's files take the space the user must free
+                for tmp in glob.glob(os.path.join(self.directory, '*.orbax-checkpoint-tmp*')):
+                    shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(self.directory).free if os.path.isdir(self.directory) else 0
+            raise DiskFullError(
+                f'no space left on the disk of {self.directory} while saving a checkpoint: one takes about '
+                f'{self._checkpoint_bytes / 2**20:,.1f} MiB ({free / 2**20:,.0f} MiB free now). Free '
+                f'some space (or lower keep_checkpoints) and run the same command again: it resumes from the newest '
+                f'complete checkpoint') from None
 
     def restore(self, abstract_state: PyTree, step: Optional[int] = None) -> PyTree:
         """Restores `step` (default: latest) into the layout of `abstract_state`.
@@ -318,7 +366,7 @@ class Checkpointer:
         """
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f'No checkpoint in {self.directory}')
+            raise MissingFileError(f'No checkpoint in {self.directory}')
         self.wait()  # an in-flight save of this step must be finished first
         default = NamedSharding(Mesh(np.asarray(jax.devices()), ('all',)), PartitionSpec())
         target = jax.tree.map(lambda leaf: _restore_target(leaf, default), abstract_state)
@@ -358,12 +406,16 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until the in-flight asynchronous save (if any) is on disk."""
-        self._manager.wait_until_finished()
+        with self._disk_full_is_an_error():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
         """Waits for pending saves and releases Orbax's resources."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+            logging.getLogger('absl').removeFilter(_SAVE_ERRORS_FILTER)
 
     def __enter__(self) -> 'Checkpointer':
         return self

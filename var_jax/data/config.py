@@ -9,6 +9,7 @@ from numbers import Real
 
 import ml_collections
 import numpy as np
+from var_jax.errors import ConfigError
 
 SOURCES = ('tfds', 'folder', 'synthetic')
 
@@ -79,5 +80,5 @@ def validate_config(data_config) -> ml_collections.FrozenConfigDict:
     if not problems and given['source'] == 'folder' and not given['folder']:
         problems.append("data.source='folder' needs data.folder=<root, one subfolder of images per class>")
     if problems:
-        raise ValueError('Bad data config: ' + '; '.join(problems) + '.')
+        raise ConfigError('Bad data config: ' + '; '.join(problems) + '.')
     return ml_collections.FrozenConfigDict(given)

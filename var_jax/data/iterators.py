@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from var_jax.data import preprocessing, sources
 from var_jax.data.config import validate_config
+from var_jax.errors import ConfigError
 
 
 def process_layout(process_index: Optional[int] = None, process_count: Optional[int] = None) -> tuple:
@@ -76,7 +77,7 @@ def make_train_iterator(data_config, global_batch_size: int, *, seed: int, start
     shard = sources.shard(cfg, True, process_index, process_count)
     steps_per_epoch = shard.num_examples // batch
     if steps_per_epoch == 0:
-        raise ValueError(f'this host has {shard.num_examples} training examples, fewer than one '
+        raise ConfigError(f'this host has {shard.num_examples} training examples, fewer than one '
                          f'per-host batch of {batch}; use a smaller batch or more data.')
     first_epoch, skip_batches = divmod(int(start_step), steps_per_epoch)
 

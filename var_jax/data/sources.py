@@ -26,6 +26,7 @@ import tensorflow_datasets as tfds
 
 from var_jax.data import preprocessing, synthetic
 from var_jax.data.config import validate_config
+from var_jax.errors import ConfigError, MissingFileError
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff', '.ppm')
 
@@ -69,7 +70,7 @@ def _tfds_builder(cfg, require_prepared: bool = True):
     try:
         builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
     except tfds.core.registered.DatasetNotFoundError:
-        raise ValueError(f'data.name={name!r} is not a TFDS dataset; see '
+        raise ConfigError(f'data.name={name!r} is not a TFDS dataset; see '
                          'https://www.tensorflow.org/datasets/catalog, or use '
                          "source='folder' for your own images.") from None
     if require_prepared and not builder.is_prepared():
@@ -81,7 +82,7 @@ def _tfds_builder(cfg, require_prepared: bool = True):
         else:
             how = (f'Prepare it on a machine with internet with `tfds build {name} '
                    f'--data_dir=<dir>` and copy <dir>/{name.split(":")[0]} into {where}.')
-        raise FileNotFoundError(
+        raise MissingFileError(
             f'TFDS dataset {name!r} is not prepared in data_dir={where!r}. {how}')
     return builder
 
@@ -89,7 +90,7 @@ def _tfds_builder(cfg, require_prepared: bool = True):
 def _tfds_keys(builder):
     image_key, label_key = builder.info.supervised_keys or ('image', 'label')
     if not isinstance(builder.info.features[image_key], tfds.features.Image):
-        raise ValueError(f'{builder.name}: feature {image_key!r} is not an image.')
+        raise ConfigError(f'{builder.name}: feature {image_key!r} is not an image.')
     return image_key, label_key
 
 
@@ -100,7 +101,7 @@ def _tfds_shard(cfg, split, process_index, process_count, *, drop_remainder) -> 
     try:
         split_examples = splits[split].num_examples  # Also parses slices like 'train[:90%]'.
     except (KeyError, ValueError) as e:
-        raise ValueError(f'{builder.name}: bad split {split!r} ({e}); it has splits '
+        raise ConfigError(f'{builder.name}: bad split {split!r} ({e}); it has splits '
                          f'{list(splits)}. Set data.train_split / data.eval_split.') from None
     host_split = tfds.even_splits(split, n=process_count,
                                   drop_remainder=drop_remainder)[process_index]
@@ -148,11 +149,11 @@ def folder_classes(root) -> list:
     """The sorted class subfolder names of an image folder."""
     root = pathlib.Path(root).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f'image folder {str(root)!r} does not exist; set data.folder to a '
+        raise MissingFileError(f'image folder {str(root)!r} does not exist; set data.folder to a '
                                 'directory with one subfolder of images per class.')
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith('.'))
     if not classes:
-        raise ValueError(f'image folder {str(root)!r} has no class subfolders; expected '
+        raise ConfigError(f'image folder {str(root)!r} has no class subfolders; expected '
                          f'{root}/<class_name>/<image files>.')
     return classes
 
@@ -197,7 +198,7 @@ def _index_folder(root: str, classes: tuple, image_size: int):
                       f'the training size data.image_size={image_size} and are upscaled: {_listing(small)}')
     good = [c for c, size in zip(candidates, sizes) if size is not None]
     if not good:
-        raise ValueError(f'no readable images ({"/".join(IMAGE_EXTENSIONS)}) in the class '
+        raise ConfigError(f'no readable images ({"/".join(IMAGE_EXTENSIONS)}) in the class '
                          f'subfolders of {root!r}.')
     paths = np.array([path for path, _ in good], dtype=object)
     labels = np.array([label for _, label in good], np.int32)
@@ -212,7 +213,7 @@ def _folder_shard(cfg, train, process_index, process_count) -> Shard:
     if root != cfg.folder:
         unknown = sorted(set(folder_classes(root)) - set(classes))
         if unknown:
-            raise ValueError(f'eval folder {root!r} has classes {unknown} that the training '
+            raise ConfigError(f'eval folder {root!r} has classes {unknown} that the training '
                              f'folder {cfg.folder!r} does not have.')
     paths, labels = _index_folder(str(pathlib.Path(root).expanduser().resolve()), tuple(classes),
                                   cfg.image_size)

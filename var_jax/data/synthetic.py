@@ -20,6 +20,7 @@ import logging
 import numpy as np
 import PIL.Image
 import tensorflow_datasets as tfds
+from var_jax.errors import ConfigError
 
 RESOLUTION = 32
 CLASS_NAMES = (
@@ -123,7 +124,7 @@ class VarSyntheticShapesConfig(tfds.core.BuilderConfig):
 def make_config(seed: int = 0, train_size: int = 10000, test_size: int = 1000):
     for value, what in ((seed, 'seed'), (train_size, 'train_size'), (test_size, 'test_size')):
         if int(value) < 0:
-            raise ValueError(f'synthetic dataset {what} must be >= 0, got {value}')
+            raise ConfigError(f'synthetic dataset {what} must be >= 0, got {value}')
     return VarSyntheticShapesConfig(
         name=f'seed{seed}_train{train_size}_test{test_size}',
         seed=int(seed), train_size=int(train_size), test_size=int(test_size),

@@ -37,6 +37,7 @@ from var_jax.data.config import validate_config
 from var_jax.data.iterators import derive_seed, host_batch_size, process_layout
 from var_jax.fileio import atomic_write, atomic_write_json
 from var_jax.models.vqvae import VQVAE
+from var_jax.errors import ConfigError, MissingFileError
 
 CACHE_VERSION = 1
 SHARD_IMAGES = 8192   # images per shard file (ImageNet 256 px, 1 view: 11 MB); a killed build loses at most one
@@ -133,7 +134,7 @@ def build_token_cache(data_config, cache_root: str, encode: Callable[[np.ndarray
     """
     cfg = validate_config(data_config)
     if vocab_size > MAX_VOCAB:
-        raise ValueError(f'data.pretokenize stores token ids as uint16, but vae.vocab_size={vocab_size} > '
+        raise ConfigError(f'data.pretokenize stores token ids as uint16, but vae.vocab_size={vocab_size} > '
                          f'{MAX_VOCAB}; set data.pretokenize=False for this tokenizer')
     process_index, process_count = process_layout(process_index, process_count)
     shard = sources.shard(cfg, True, process_index, process_count)
@@ -243,17 +244,17 @@ def make_token_iterator(cache_root: str, global_batch_size: int, *, seed: int, s
     out = host_dir(cache_root, process_index, process_count)
     manifest = _read_json(os.path.join(out, 'manifest.json'))
     if manifest is None:
-        raise FileNotFoundError(f'no finished token cache in {out}; the transformer stage builds it when '
+        raise MissingFileError(f'no finished token cache in {out}; the transformer stage builds it when '
                                 f'data.pretokenize=True (var_jax.data.tokens.build_token_cache)')
     spec = manifest['spec']
     tokens = [np.load(os.path.join(out, s['tokens']), mmap_mode='r') for s in manifest['shards']]
     labels = np.concatenate([np.load(os.path.join(out, s['labels'])) for s in manifest['shards']])
     n, E, size = spec['num_examples'], spec['entries'], spec['shard_images']
     if len(labels) != n:
-        raise ValueError(f'token cache {out} holds {len(labels)} images, its manifest says {n}; delete it to rebuild')
+        raise ConfigError(f'token cache {out} holds {len(labels)} images, its manifest says {n}; delete it to rebuild')
     steps_per_epoch = n // batch
     if steps_per_epoch == 0:
-        raise ValueError(f'this host has {n} training examples, fewer than one per-host batch of {batch}; '
+        raise ConfigError(f'this host has {n} training examples, fewer than one per-host batch of {batch}; '
                          f'use a smaller batch or more data.')
     first_epoch, skip = divmod(int(start_step), steps_per_epoch)
 

@@ -28,6 +28,7 @@ import numpy as np
 from flax import traverse_util
 
 from var_jax.models.resize import resize
+from var_jax.errors import MissingFileError, UserError
 
 SIZE = 299                      # the graph's input side
 NUM_CLASSES = 1008              # the 2015 graph's label set
@@ -42,7 +43,7 @@ WHERE_TO_GET = (
     f'--inception {PTH_FILE} --out checkpoints/inception_fid.npz, then set --config.eval.inception_path to the .npz')
 
 
-class InceptionWeightsError(ValueError):
+class InceptionWeightsError(UserError):
     """A weights file that does not hold the FID Inception."""
 
 
@@ -234,7 +235,7 @@ def load_params(path: str):
         raise InceptionWeightsError('no Inception weights configured (config.eval.inception_path is empty). '
                                     + WHERE_TO_GET)
     if not os.path.exists(path):
-        raise FileNotFoundError(f'Inception weights {path} not found. ' + WHERE_TO_GET)
+        raise MissingFileError(f'Inception weights {path} not found. ' + WHERE_TO_GET)
     if not path.endswith('.npz'):
         raise InceptionWeightsError(f'{path}: expected the .npz written by python -m var_jax.convert --inception. '
                                     + WHERE_TO_GET)

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from var_jax.errors import MissingFileError, UserError
 
 SHIFT = (-.030, -.088, -.188)
 SCALE = (.458, .448, .450)
@@ -39,7 +40,7 @@ WHERE_TO_GET = (
     f'--out lpips_vgg.npz')
 
 
-class LPIPSWeightsError(ValueError):
+class LPIPSWeightsError(UserError):
     """A weights file that does not hold what LPIPS-VGG needs."""
 
 
@@ -146,7 +147,7 @@ def load_lpips_params(path: str) -> dict:
     if os.path.isdir(path):
         raise LPIPSWeightsError(f'{path} is a directory; perceptual_weights_path takes one .npz. {WHERE_TO_GET}')
     if not os.path.isfile(path):
-        raise FileNotFoundError(f'{path} not found. {WHERE_TO_GET}')
+        raise MissingFileError(f'{path} not found. {WHERE_TO_GET}')
     not_npz = lambda why: LPIPSWeightsError(f'{path} is not the LPIPS .npz ({why}). {WHERE_TO_GET}')
     try:
         npz = np.load(path)

@@ -5,7 +5,6 @@ mesh with explicit shardings (params replicated or FSDP-split, batch split over 
 donated). `fit` drives it: resume, checkpoints, preemption, the progress line, TensorBoard, sample grids.
 """
 import contextlib
-import logging
 import os
 import time
 from typing import Callable, Optional
@@ -16,6 +15,7 @@ import numpy as np
 import optax
 
 from var_jax import api, checkpoint, sharding
+from var_jax.errors import MissingFileError
 
 # Config fields a run may change when it resumes: schedule length and bookkeeping, never the model or data.
 RESUMABLE_KEYS = ('*total_steps', '*log_every*', '*eval_every*', '*sample_every*', '*save_every*',
@@ -89,7 +89,7 @@ def load_init_from(config):
     if not config.init_from:
         return None
     if not os.path.isdir(config.init_from):
-        raise FileNotFoundError(f'init_from={config.init_from!r} does not exist; point it at a directory '
+        raise MissingFileError(f'init_from={config.init_from!r} does not exist; point it at a directory '
                                 f'written by python -m var_jax.convert or at a finished run\'s export/')
     return checkpoint.load_pretrained(config.init_from)
 
@@ -124,86 +124,85 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
     stage_dir = os.path.join(workdir, stage)
     ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep_checkpoints, save_every=config.save_every,
                                    config=config, resumable_keys=RESUMABLE_KEYS + OTHER_STAGE_KEYS.get(stage, ()))
-    restored, start = ckpt.restore_latest(sharding.with_shardings(state, state_shardings))
-    if restored is not None:
-        state = restored
-        print(f'[{stage}] resumed from step {start} of {stage_dir}', flush=True)
-    if start >= total_steps:
-        ckpt.close()
-        return state
-    if make_batches is None:
-        make_batches = lambda step: data.make_train_iterator(config.data, batch_size, seed=config.seed,
-                                                             start_step=step)
-    batches = make_batches(start)
-    writer = tensorboard.SummaryWriter(os.path.join(stage_dir, 'tb')) if jax.process_index() == 0 else None
-    batch_sharding = sharding.batch_sharding(mesh)  # one sharding for every array of the batch
-    extra = (sharding.replicated(mesh),) if token_weights_fn else ()
-    jitted = jax.jit(step_fn, in_shardings=(state_shardings, *[sharding.replicated(mesh)] * len(step_args),
-                                            batch_sharding, *extra),
-                     out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
-    t0 = time.time()
-    pending, previous = [], None
-    print(f'[{stage}] step {start}/{total_steps}: compiling the train step ...', flush=True)
-    # On TPU the VAR's splash attention runs per device under the mesh (shard_map); elsewhere nothing needs it.
-    in_mesh = jax.set_mesh(mesh) if jax.default_backend() == 'tpu' else contextlib.nullcontext()
-    with ckpt.handle_preemption(), in_mesh:
-        for step in range(start, total_steps):
-            batch = next(batches)
-            batch = sharding.global_batch(batch, mesh)
-            weights = (jnp.asarray(token_weights_fn(step)),) if token_weights_fn else ()
-            state, metrics = jitted(state, *step_args, batch, *weights)
-            # At most one step in flight: a SIGTERM is acted on after the step that is running, not after a
-            # queue of dispatched ones (preemption notices give ~30 s). The first step is waited for itself.
-            jax.block_until_ready(metrics if previous is None else previous)
-            previous = metrics
-            if step == start:  # img/s and the ETA exclude compiling
-                t_last, step_last = time.time(), step + 1
-                print(f'[{stage}] compiled and ran the first step in {t_last - t0:.1f} s', flush=True)
-            pending.append(metrics)
-            done = step + 1
-            stop = ckpt.should_stop(done)
-            if done % config.log_every == 0 or done == total_steps or stop or done % config.save_every == 0:
-                if bool(jax.device_get(state['nonfinite'])):
-                    ckpt.close()
+    writer = None
+    try:
+        restored, start = ckpt.restore_latest(sharding.with_shardings(state, state_shardings))
+        if restored is not None:
+            state = restored
+            print(f'[{stage}] resumed from step {start} of {stage_dir}', flush=True)
+        if start >= total_steps:
+            return state
+        if make_batches is None:
+            make_batches = lambda step: data.make_train_iterator(config.data, batch_size, seed=config.seed,
+                                                                 start_step=step)
+        batches = make_batches(start)
+        writer = tensorboard.SummaryWriter(os.path.join(stage_dir, 'tb')) if jax.process_index() == 0 else None
+        batch_sharding = sharding.batch_sharding(mesh)  # one sharding for every array of the batch
+        extra = (sharding.replicated(mesh),) if token_weights_fn else ()
+        jitted = jax.jit(step_fn, in_shardings=(state_shardings, *[sharding.replicated(mesh)] * len(step_args),
+                                                batch_sharding, *extra),
+                         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+        t0 = time.time()
+        pending, previous = [], None
+        print(f'[{stage}] step {start}/{total_steps}: compiling the train step ...', flush=True)
+        # On TPU the VAR's splash attention runs per device under the mesh (shard_map); elsewhere nothing needs it.
+        in_mesh = jax.set_mesh(mesh) if jax.default_backend() == 'tpu' else contextlib.nullcontext()
+        with ckpt.handle_preemption(), in_mesh:
+            for step in range(start, total_steps):
+                batch = next(batches)
+                batch = sharding.global_batch(batch, mesh)
+                weights = (jnp.asarray(token_weights_fn(step)),) if token_weights_fn else ()
+                state, metrics = jitted(state, *step_args, batch, *weights)
+                # At most one step in flight: a SIGTERM is acted on after the step that is running, not after a
+                # queue of dispatched ones (preemption notices give ~30 s). The first step is waited for itself.
+                jax.block_until_ready(metrics if previous is None else previous)
+                previous = metrics
+                if step == start:  # img/s and the ETA exclude compiling
+                    t_last, step_last = time.time(), step + 1
+                    print(f'[{stage}] compiled and ran the first step in {t_last - t0:.1f} s', flush=True)
+                pending.append(metrics)
+                done = step + 1
+                stop = ckpt.should_stop(done)
+                if done % config.log_every == 0 or done == total_steps or stop or done % config.save_every == 0:
+                    if bool(jax.device_get(state['nonfinite'])):
+                        raise NonFiniteError(
+                            f'[{stage}] a NaN/Inf loss or gradient appeared before step {done}; the update was '
+                            f'skipped and the last good checkpoint (step {ckpt.latest_step()}) in {stage_dir} is '
+                            f'kept. Lower the learning rate (tblr) or check the data.')
+                if done % config.log_every == 0 or done == total_steps:
+                    host = jax.device_get(pending)
+                    mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+                    pending = []
+                    now = time.time()
+                    timed = done - step_last  # 0 when the first step alone ends a log interval
+                    img_s = timed * batch_size / max(now - t_last, 1e-9)
+                    eta = (total_steps - done) * (now - t_last) / timed if timed else float('nan')
+                    t_last, step_last = now, done
+                    print(_log_line(stage, done, total_steps, mean, img_s, eta), flush=True)  # the progress line
                     if writer:
-                        writer.close()
-                    raise NonFiniteError(
-                        f'[{stage}] a NaN/Inf loss or gradient appeared before step {done}; the update was '
-                        f'skipped and the last good checkpoint (step {ckpt.latest_step()}) in {stage_dir} is '
-                        f'kept. Lower the learning rate (tblr) or check the data.')
-            if done % config.log_every == 0 or done == total_steps:
-                host = jax.device_get(pending)
-                mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
-                pending = []
-                now = time.time()
-                timed = done - step_last  # 0 when the first step alone ends a log interval
-                img_s = timed * batch_size / max(now - t_last, 1e-9)
-                eta = (total_steps - done) * (now - t_last) / timed if timed else float('nan')
-                t_last, step_last = now, done
-                print(_log_line(stage, done, total_steps, mean, img_s, eta), flush=True)  # the progress line
-                if writer:
-                    for k, v in mean.items():
-                        writer.scalar(f'{stage}/{k}', v, done)
-                    writer.scalar(f'{stage}/img_per_s', img_s, done)
-                    writer.flush()
-            ckpt.save(done, state, force=stop or done == total_steps)
-            if on_sample and (done % config.sample_every == 0 or done == total_steps):
-                on_sample(state['params'], done)
-            if on_eval and ((config.eval_every and done % config.eval_every == 0) or done == total_steps):
-                results = on_eval(state['params'], done)
-                print(f'[{stage}] eval at step {done}: ' + ' '.join(f'{k} {v:.4g}' for k, v in results.items()),
-                      flush=True)
-                if writer:
-                    for k, v in results.items():
-                        writer.scalar(f'{stage}/eval/{k}', v, done)
-                    writer.flush()
-            if stop:
-                break
-    ckpt.close()
-    if writer:
-        writer.close()
-    if ckpt.preempted:
-        raise Preempted(f'[{stage}] preempted: saved step {done} in {stage_dir}; run the same command again to '
-                        f'resume')
-    logging.info('[%s] finished in %.1f s', stage, time.time() - t0)
+                        for k, v in mean.items():
+                            writer.scalar(f'{stage}/{k}', v, done)
+                        writer.scalar(f'{stage}/img_per_s', img_s, done)
+                        writer.flush()
+                ckpt.save(done, state, force=stop or done == total_steps)
+                if on_sample and (done % config.sample_every == 0 or done == total_steps):
+                    on_sample(state['params'], done)
+                if on_eval and ((config.eval_every and done % config.eval_every == 0) or done == total_steps):
+                    results = on_eval(state['params'], done)
+                    print(f'[{stage}] eval at step {done}: ' + ' '.join(f'{k} {v:.4g}' for k, v in results.items()),
+                          flush=True)
+                    if writer:
+                        for k, v in results.items():
+                            writer.scalar(f'{stage}/eval/{k}', v, done)
+                        writer.flush()
+                if stop:
+                    break
+        if ckpt.preempted:
+            raise Preempted(f'[{stage}] preempted: saved step {done} in {stage_dir}; run the same command again to '
+                            f'resume')
+    finally:  # every exit: the save in flight finishes (a complete newest checkpoint, no writer-thread errors)
+        ckpt.close()
+        if writer:
+            writer.close()
     return state
+

@@ -20,6 +20,7 @@ from var_jax.models import lpips
 from var_jax.models.discriminator import PatchDiscriminator
 from var_jax.models.vqvae import VQVAE
 from var_jax.trainers import loop
+from var_jax.errors import MissingFileError
 
 def make_step(vqvae: VQVAE, tx: optax.GradientTransformation, l1: float, l2: float, restart_every: int = 0,
                   disc: Optional[PatchDiscriminator] = None, disc_tx: Optional[optax.GradientTransformation] = None,
@@ -233,7 +234,7 @@ def exported(workdir: str):
     """Stage 1's exported params, for stage 2 in a later command."""
     path = tokenizer_export_dir(workdir)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f'no tokenizer for the transformer stage: {path} does not exist. Run the '
+        raise MissingFileError(f'no tokenizer for the transformer stage: {path} does not exist. Run the '
                                 f'tokenizer stage first (config.stages includes "tokenizer") or set '
                                 f'config.init_from to a converted checkpoint with a VQVAE')
     return checkpoint.load_pretrained(path)[1]['vae']
