@@ -14,10 +14,14 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def optim(tblr, warmup_steps, *, wd=0.05, wd_end=None, wpe=0.01, clip=2.0):
-    """AdamW (0.9, 0.95) with lr = tblr * batch / 256, 'lin0' schedule, cosine weight decay."""
+    """AdamW (0.9, 0.95) with lr = tblr * batch / 256, the official lr schedule, cosine weight decay.
+
+    sche: the official --sche ('lin0', 'lin', 'lin00', 'lin<T>', 'cos', 'exp'); '' = 'lin0', or 'lin<pg>' with
+    progressive training (var_jax/optim.py).
+    """
     return ml_collections.ConfigDict(dict(
         tblr=tblr, warmup_steps=warmup_steps, wp0=0.005, wpe=wpe, wd=wd,
-        wd_end=wd if wd_end is None else wd_end, clip=clip, beta1=0.9, beta2=0.95))
+        wd_end=wd if wd_end is None else wd_end, clip=clip, beta1=0.9, beta2=0.95, sche=''))
 
 
 def official_var(depth: int, shared_aln: bool = False) -> dict:
@@ -66,7 +70,10 @@ def base_config():
     c.var = ml_collections.ConfigDict(dict(
         num_classes=1000,            # <= 0: the dataset's number of classes
         **official_var(16),          # depth, width, heads, drop path and shared AdaLN of VAR-d16
-        mlp_ratio=4.0, cond_drop_rate=0.1, attn_l2_norm=True, init_adaln_gamma=1e-3,
+        mlp_ratio=4.0, cond_drop_rate=0.1, attn_l2_norm=True,
+        # Initialisation (the official --aln, --alng, --hd, --ini): AdaLN scale of the shift/scale columns, of the
+        # gamma columns, the head's scale, and the weights' std (<= 0: sqrt(1 / (3 * width)), official).
+        init_adaln=0.5, init_adaln_gamma=1e-3, init_head=0.02, init_std=-1.0,
         dtype='float32',             # compute dtype of the transformer blocks ('bfloat16' on GPU/TPU)
         # How the blocks run (same params, same math): one scan over the blocks (True; False: unrolled; None:
         # scan on TPU/GPU, unrolled on CPU), what the backward pass recomputes ('none', 'dots': keep matmul

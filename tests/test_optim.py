@@ -1,4 +1,5 @@
 """var_jax.optim against the official recipe: lr and wd schedules, weight-decay groups, AdamW, clipping."""
+import math
 
 import jax
 import jax.numpy as jnp
@@ -18,14 +19,26 @@ from var_jax.trainers import transformer
 # =============================================================================================
 # Schedules, weight-decay groups, AdamW
 # =============================================================================================
+@pytest.mark.parametrize('sche', ['lin0', 'lin', 'lin00', 'lin0.6', 'cos', 'exp'])
 @pytest.mark.parametrize('total,warmup,wp0,wpe', [(1000, 50, 0.005, 0.1), (100, 0, 0.005, 0.01),
                                                   (37, 5, 0.1, 0.05), (20, 17, 0.005, 0.5)])
-def test_lin0_schedule_matches_official(total, warmup, wp0, wpe):
-    sched = jax.jit(optim.lr_schedule(3e-4, total, warmup, wp0, wpe))
+def test_lr_schedules_match_official(sche, total, warmup, wp0, wpe):
+    sched = jax.jit(optim.lr_schedule(3e-4, total, warmup, wp0, wpe, sche))
     steps = np.arange(total)
     got = np.asarray(jax.vmap(sched)(steps))
-    want = np.array([official_lr(s, 3e-4, warmup, total, wp0, wpe) for s in steps])
+    want = np.array([official_lr(s, 3e-4, warmup, total, wp0, wpe, sche) for s in steps])
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
+
+
+def test_schedule_choice_is_the_official_default_and_refuses_unknown_names():
+    assert optim.schedule_name('', 0.0) == 'lin0' and optim.schedule_name('', 0.5) == 'lin0.5'
+    assert optim.schedule_name('cos', 0.5) == 'cos'  # an explicit --sche wins, as in the official train.py
+    for bad in ('linear', 'lin1.5', 'cosine'):
+        with pytest.raises(ValueError, match='optim.sche'):
+            optim.lr_schedule(1.0, 10, 2, sche=bad)
+    cfg = _optim(sche='cos', warmup_steps=0)
+    got = _hyperparams_per_step(optim.make_optimizer(cfg, 10, 256), 10)[:, 0]
+    np.testing.assert_allclose(got, [official_lr(s, 1e-4, 0, 10, 0.005, 0.1, 'cos') for s in range(10)], rtol=2e-6)
 
 
 @pytest.mark.parametrize('wd,wd_end,total', [(0.05, 0.05, 100), (0.05, 0.08, 1000), (0.1, 0.0, 7)])
@@ -38,7 +51,8 @@ def test_cosine_wd_matches_official(wd, wd_end, total):
 
 
 def _optim(**kw):
-    base = dict(tblr=1e-4, warmup_steps=5, wp0=0.005, wpe=0.1, wd=0.05, wd_end=0.08, clip=2.0, beta1=0.9, beta2=0.95)
+    base = dict(tblr=1e-4, warmup_steps=5, wp0=0.005, wpe=0.1, wd=0.05, wd_end=0.08, clip=2.0, beta1=0.9, beta2=0.95,
+                sche='')
     return ml_collections.ConfigDict(dict(base, **kw))
 
 
@@ -136,3 +150,25 @@ def test_progressive_training_uses_the_lin_pg_schedule(monkeypatch, tmp_path):
     peak = config.transformer.optim.tblr * config.transformer.batch_size / 256
     want = [official_lr(s, peak, 4, 40, 0.005, config.transformer.optim.wpe, sche='lin0.5') for s in range(40)]
     np.testing.assert_allclose(got, want, rtol=2e-6)
+
+
+def test_init_settings_of_the_config_reach_the_model():
+    """var.init_std / init_head / init_adaln (the official --ini, --hd, --aln) set the initial weights' scales."""
+    from configs import var_small
+    from var_jax.trainers import loop
+
+    def init_stds(**overrides):
+        config = var_small.get_config()
+        config.lock()  # as main.py's flags see it: a field the config does not have is refused
+        config.var.update(dict(depth=1, embed_dim=64, num_heads=2, **overrides))
+        _, var = loop.models_from_config(config)
+        L = sum(p * p for p in var.patch_nums)
+        params = var.init(jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32), jnp.zeros((1, L - 1, var.cvae)))['params']
+        ada = np.asarray(params['blocks']['ada_lin']['kernel'])[0]  # (C, 6C): gamma1, gamma2, scales, shifts
+        return dict(fc1=np.asarray(params['blocks']['ffn']['fc1']['kernel']).std(),
+                    head=np.asarray(params['head']['kernel']).std(), ada=ada[:, 2 * 64:].std())
+    base = init_stds()
+    np.testing.assert_allclose(base['fc1'], math.sqrt(1 / (3 * 64)), rtol=0.1)  # official default std
+    assert init_stds(init_std=0.05)['fc1'] == pytest.approx(0.05, rel=0.1)
+    assert init_stds(init_head=0.2)['head'] == pytest.approx(10 * base['head'], rel=0.1)
+    assert init_stds(init_adaln=0.05)['ada'] == pytest.approx(0.1 * base['ada'], rel=0.1)

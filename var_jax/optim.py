@@ -1,7 +1,8 @@
 """The official VAR optimizer: AdamW (0.9, 0.95) with its no-decay groups, lr and weight-decay schedules.
 
-lr = tblr * batch / 256 (official utils/arg_util.py), linear warm-up from wp0 * peak, then the 'lin0' schedule (or
-'lin<pg>' with progressive training), a cosine weight-decay schedule and global-norm clipping.
+lr = tblr * batch / 256 (official utils/arg_util.py), linear warm-up from wp0 * peak, then the official schedule
+(`optim.sche`: 'lin0' by default, 'lin<pg>' with progressive training; 'lin', 'lin00', 'cos', 'exp'), a cosine
+weight-decay schedule and global-norm clipping.
 """
 import math
 
@@ -17,24 +18,49 @@ from var_jax.models.stacking import BLOCKS
 NO_DECAY_NAMES = ('pos_start', 'pos_1LC', 'lvl_embed', 'ada_gss', 'scale_mul')
 
 
-def lr_schedule(peak: float, total_steps: int, warmup_steps: int, wp0: float = 0.005, wpe: float = 0.01,
-                pg: float = 0.0) -> optax.Schedule:
-    """The official lr schedule: linear warm-up from wp0*peak, then 'lin0' or, with progressive
-    training (pg > 0), 'lin<pg>'.
+def schedule_name(sche: str = '', pg: float = 0.0) -> str:
+    """The official train.py's choice: --sche (default 'lin0'), or 'lin<pg>' with progressive training."""
+    return sche or (f'lin{pg:g}' if pg else 'lin0')
 
-    lin0 holds the peak for 5% of the rest, then decays linearly to wpe*peak. lin<T> decays
-    linearly to mid*peak at fraction T, then to wpe*peak, with mid = (1 + wpe + (1-wpe)(1-T))/2.
+
+def lr_schedule(peak: float, total_steps: int, warmup_steps: int, wp0: float = 0.005, wpe: float = 0.01,
+                sche: str = 'lin0') -> optax.Schedule:
+    """The official lr schedules (utils/lr_control.py lr_wd_annealing): linear warm-up from wp0*peak, then, over
+    the fraction p of the rest, down to wpe*peak:
+
+    'lin0' / 'lin' hold the peak for 5% / 15% of the rest, then decay linearly; 'lin00' decays linearly at once;
+    'lin<T>' (progressive training) decays linearly to mid*peak at T, then to wpe*peak, with
+    mid = (1 + wpe + (1-wpe)(1-T))/2; 'cos' is a half cosine; 'exp' holds for 15%, then decays exponentially.
     """
+    hold = {'lin0': 0.05, 'lin': 0.15, 'exp': 0.15}
+    if sche not in ('cos', 'lin00', *hold):
+        try:
+            T = float(sche[3:]) if sche.startswith('lin') else None
+        except ValueError:
+            T = None
+        if T is None or not 0 < T < 1:
+            raise ValueError(f"optim.sche={sche!r}: use 'lin0', 'lin', 'lin00', 'lin<T>' (0 < T < 1), 'cos' or 'exp' "
+                             f'(the official --sche)')
+
+    def after_warmup(p):
+        if sche == 'cos':
+            return wpe + (1 - wpe) * (0.5 + 0.5 * jnp.cos(math.pi * p))
+        if sche == 'lin00':
+            return wpe + (1 - wpe) * (1 - p)
+        if sche in hold:
+            T = hold[sche]
+            decay = (jnp.exp((p - T) / (1 - T) * math.log(wpe)) if sche == 'exp'
+                     else wpe + (1 - wpe) * (1 - p) / (1 - T))
+            return jnp.where(p < T, 1.0, decay)
+        T = float(sche[3:])
+        mid = (1 + wpe + (1 - wpe) * (1 - T)) / 2
+        return jnp.where(p < T, 1 + (mid - 1) * p / T, wpe + (mid - wpe) * (1 - p) / (1 - T))
+
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
         warm = wp0 + (1 - wp0) * step / max(warmup_steps, 1)
-        pasd = (step - warmup_steps) / max(total_steps - 1 - warmup_steps, 1)
-        if pg:
-            mid = (1 + wpe + (1 - wpe) * (1 - pg)) / 2
-            after = jnp.where(pasd < pg, 1 + (mid - 1) * pasd / pg, wpe + (mid - wpe) * (1 - pasd) / (1 - pg))
-        else:
-            after = jnp.where(pasd < 0.05, 1.0, wpe + (1 - wpe) * (1 - pasd) / 0.95)
-        return peak * jnp.where(step < warmup_steps, warm, after)
+        p = (step - warmup_steps) / max(total_steps - 1 - warmup_steps, 1)
+        return peak * jnp.where(step < warmup_steps, warm, after_warmup(p))
     return schedule
 
 
@@ -60,12 +86,13 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, batch_size:
                    pg: float = 0.0) -> optax.GradientTransformation:
     """AdamW with the official lr / wd schedules and global-norm clipping.
 
-    cfg: tblr (lr per 256 images), warmup_steps, wp0, wpe, wd, wd_end, clip, beta1, beta2.
-    pg: progressive-training fraction (selects the official 'lin<pg>' lr schedule).
+    cfg: tblr (lr per 256 images), warmup_steps, wp0, wpe, wd, wd_end, clip, beta1, beta2, sche (see
+    `schedule_name`; '' = the official default). pg: progressive-training fraction (the default is then 'lin<pg>').
     """
     peak = cfg.tblr * batch_size / 256
+    sche = schedule_name(cfg.get('sche', ''), pg)
     tx = optax.inject_hyperparams(optax.adamw, static_args=('mask',))(
-        learning_rate=lr_schedule(peak, total_steps, cfg.warmup_steps, cfg.wp0, cfg.wpe, pg),
+        learning_rate=lr_schedule(peak, total_steps, cfg.warmup_steps, cfg.wp0, cfg.wpe, sche),
         b1=cfg.beta1, b2=cfg.beta2, eps=1e-8,
         weight_decay=cosine_wd_schedule(cfg.wd, cfg.wd_end, total_steps), mask=decay_mask)
     return optax.chain(optax.clip_by_global_norm(cfg.clip), tx) if cfg.clip > 0 else tx
