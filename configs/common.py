@@ -91,6 +91,9 @@ def base_config():
         optim=optim(1e-3, 500, wd=0.0, wpe=0.05)))
     c.transformer = ml_collections.ConfigDict(dict(
         total_steps=10000, batch_size=256, label_smoothing=0.0,
+        # Gradient accumulation (the official --ac): the batch runs as grad_accum micro-batches inside one step,
+        # one update with the full batch's gradient and lr (activation memory of batch_size / grad_accum).
+        grad_accum=1,
         # Progressive training (official default off): coarse scales first during the first pg of training,
         # from scale pg0; a new scale's loss weight ramps up over pgwp_steps (0: total_steps / 300, official).
         pg=0.0, pg0=4, pgwp_steps=0,

@@ -98,6 +98,8 @@ def test_batch_sizes_must_split_over_the_devices(tmp_path, monkeypatch):
     assert 'transformer.batch_size=30 is not divisible by the 4 devices' in msg and 'e.g. 28' in msg
     assert 'tokenizer.batch_size=0 must be an int >= 1' in msg
     assert 'mesh.fsdp=3 must divide' in _problems(tmp_path, **{'mesh.fsdp': 3})
+    msg = _problems(tmp_path, **{'transformer.batch_size': 32, 'transformer.grad_accum': 3})
+    assert 'transformer.grad_accum=3' in msg and 'divisible by grad_accum x the 4 devices' in msg
 
 
 def test_workdir_that_is_a_file_or_cannot_be_created(tmp_path):

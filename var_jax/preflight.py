@@ -41,6 +41,11 @@ def check(config, mode: str, workdir: str) -> None:
                 need(cfg.batch_size % n_dev == 0,
                      f'{stage}.batch_size={cfg.batch_size} is not divisible by the {n_dev} devices (the batch is '
                      f'split over all of them); use a multiple of {n_dev}, e.g. {max(n_dev, cfg.batch_size // n_dev * n_dev)}')
+        if 'transformer' in stages:
+            ga, batch = config.transformer.grad_accum, config.transformer.batch_size
+            need(_int(ga, 1) and _int(batch, 1) and batch % (ga * n_dev) == 0,
+                 f'transformer.grad_accum={ga!r} must be an int >= 1 with transformer.batch_size={batch!r} divisible '
+                 f'by grad_accum x the {n_dev} devices (every micro-batch is split over all of them)')
         for field in ('log_every', 'save_every', 'sample_every', 'keep_checkpoints'):
             need(_int(config[field], 1), f'{field}={config[field]!r} must be an int >= 1')
         for name, value in (('eval_every', config.eval_every), ('eval.val_batches', config.eval.val_batches),

@@ -42,7 +42,14 @@ def _scale_means(x, patch_nums):
                       for b, e in begin_ends(patch_nums)])
 
 
-def make_step(vqvae: VQVAE, var: VAR, tx: optax.GradientTransformation, label_smoothing: float):
+def micro_batches(batch: dict, k: int) -> dict:
+    """(B, ...) arrays -> (k, B/k, ...): micro-batch j holds examples j, j + k, ..., so every device keeps an equal
+    share of each (the batch is split over the devices along its first axis in contiguous blocks)."""
+    return jax.tree.map(lambda a: a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1), batch)
+
+
+def make_step(vqvae: VQVAE, var: VAR, tx: optax.GradientTransformation, label_smoothing: float,
+              grad_accum: int = 1):
     """Transformer step `(state, vae_params, batch, token_weights) -> (state, metrics)`: tokenize with the
     frozen VQVAE, teacher-force, AdamW. Pure in its inputs.
 
@@ -51,9 +58,12 @@ def make_step(vqvae: VQVAE, var: VAR, tx: optax.GradientTransformation, label_sm
 
     token_weights (L',) are the loss weights of the first L' tokens; L' < L (a scale boundary) trains
     only the scales before it, on the truncated sequence (progressive training). jit compiles once per L'.
+
+    grad_accum k > 1 (the official --ac): the batch runs as k micro-batches of B/k in a scan inside the step, and
+    their mean gradient (the full batch's: every micro-batch has the same size) makes one update; activation
+    memory is that of B/k.
     """
-    def step(state, vae_params, batch, token_weights):
-        rng = jax.random.fold_in(state['rng'], state['step'])
+    def loss_and_grads(params, vae_params, batch, token_weights, rng):
         end = token_weights.shape[0]
         if 'tokens' in batch:
             idx = [batch['tokens'][:, b:e] for b, e in begin_ends(vqvae.patch_nums)]
@@ -63,8 +73,24 @@ def make_step(vqvae: VQVAE, var: VAR, tx: optax.GradientTransformation, label_sm
         targets = jnp.concatenate(idx, axis=1)[:, :end]
         x = x[:, :end - var.patch_nums[0] ** 2]
         grad_fn = jax.value_and_grad(var_loss, argnums=1, has_aux=True)
-        (loss, (ce, correct)), grads = grad_fn(var, state['params'], batch['label'], x, targets, token_weights,
-                                               label_smoothing=label_smoothing, train=True, rng=rng)
+        return grad_fn(var, params, batch['label'], x, targets, token_weights, label_smoothing=label_smoothing,
+                       train=True, rng=rng)
+
+    def step(state, vae_params, batch, token_weights):
+        rng = jax.random.fold_in(state['rng'], state['step'])
+        if grad_accum == 1:
+            (loss, (ce, correct)), grads = loss_and_grads(state['params'], vae_params, batch, token_weights, rng)
+        else:
+            def micro(carry, inputs):
+                j, mb = inputs
+                (loss, aux), grads = loss_and_grads(state['params'], vae_params, mb, token_weights,
+                                                    jax.random.fold_in(rng, j))
+                return jax.tree.map(jnp.add, carry, (loss, grads)), aux
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state['params']))
+            (loss, grads), (ce, correct) = jax.lax.scan(
+                micro, zeros, (jnp.arange(grad_accum), micro_batches(batch, grad_accum)))
+            loss, grads = loss / grad_accum, jax.tree.map(lambda g: g / grad_accum, grads)
+            ce, correct = (a.reshape(-1, a.shape[-1]) for a in (ce, correct))
         grad_norm = optax.tree.norm(grads)
         if 'image' in batch:  # NaN pixels still give valid token ids; flag them like a NaN loss.
             loss = jnp.where(jnp.all(jnp.isfinite(batch['image'])), loss, jnp.nan)
@@ -178,7 +204,8 @@ def train(config, workdir: str, num_data_classes: int, vae_params=None, pretrain
                      ncols=s.ncols)
 
     state = loop.fit('transformer', workdir, config, state=state, state_shardings=shardings, mesh=mesh,
-                     step_fn=make_step(vqvae, var, tx, cfg.label_smoothing), step_args=(vae_params,),
+                     step_fn=make_step(vqvae, var, tx, cfg.label_smoothing, cfg.grad_accum),
+                     step_args=(vae_params,),
                      total_steps=cfg.total_steps, batch_size=cfg.batch_size, on_sample=on_sample,
                      on_eval=_validation(config, vqvae, var, vae_params, mesh), token_weights_fn=weights,
                      make_batches=pretokenized_batches(config, workdir, vqvae, vae_params)
