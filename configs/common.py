@@ -75,6 +75,9 @@ def base_config():
         # gamma columns, the head's scale, and the weights' std (<= 0: sqrt(1 / (3 * width)), official).
         init_adaln=0.5, init_adaln_gamma=1e-3, init_head=0.02, init_std=-1.0,
         dtype='float32',             # compute dtype of the transformer blocks ('bfloat16' on GPU/TPU)
+        # With a low-precision dtype: 'official' keeps the residual stream, the AdaLN modulation and the training
+        # logits in float32 (the official fp16 autocast layout); 'lean' rounds them too (less memory).
+        precision='official',
         # How the blocks run (same params, same math): one scan over the blocks (True; False: unrolled; None:
         # scan on TPU/GPU, unrolled on CPU), what the backward pass recomputes ('none', 'dots': keep matmul
         # outputs, 'dots_except_fc1': and recompute the MLP hidden, 'full') and the attention kernel ('auto':

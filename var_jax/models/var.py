@@ -195,6 +195,7 @@ class AdaLNSelfAttn(nn.Module):
     init_adaln_gamma: float
     dtype: Any = jnp.float32
     attention: str = 'auto'
+    modulation_dtype: Any = jnp.float32  # of LN(x)(1+scale)+shift and the gammas ('official': float32)
 
     @nn.compact
     def __call__(self, x, drop_rate, past_kv, cond_or_gss, train: bool = False, sizes=None):
@@ -214,7 +215,7 @@ class AdaLNSelfAttn(nn.Module):
             ada = nn.Dense(6 * C, dtype=self.dtype, name='ada_lin', kernel_init=trunc_normal(
                 self.init_std, _adaln_column_scale(C, 6, self.init_adaln, self.init_adaln_gamma)))(
                     nn.silu(cond_or_gss)).reshape(-1, 6, C)
-        ada = ada[:, None].astype(self.dtype)  # (B, 1, 6, C)
+        ada = ada[:, None].astype(self.modulation_dtype)  # (B, 1, 6, C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (ada[:, :, i] for i in range(6))
         proj_scale = 1.0 / math.sqrt(2 * self.depth)
 
@@ -243,11 +244,11 @@ class Head(nn.Module):
     kernel_init: Callable
 
     @nn.compact
-    def __call__(self, x, dtype):
+    def __call__(self, x, dtype, out_dtype=None):
         kernel = self.param('kernel', self.kernel_init, (x.shape[-1], self.features))
         bias = self.param('bias', nn.initializers.zeros, (self.features,))
         y = jnp.dot(x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
-        return (y + bias).astype(dtype)
+        return (y + bias).astype(out_dtype or dtype)
 
 
 class AdaLNBeforeHead(nn.Module):
@@ -263,6 +264,9 @@ class AdaLNBeforeHead(nn.Module):
             nn.silu(cond)).reshape(-1, 1, 2, C)
         scale, shift = ada[:, :, 0], ada[:, :, 1]
         return _layer_norm(x, self.norm_eps) * (1 + scale) + shift
+
+
+PRECISIONS = ('official', 'lean')
 
 
 class VAR(nn.Module):
@@ -290,6 +294,10 @@ class VAR(nn.Module):
     init_head: float = 0.02
     init_std: float = -1.0
     dtype: Any = jnp.float32
+    # Where a low-precision dtype rounds: 'official' (the official fp16 autocast recipe's layout) keeps the residual
+    # stream, the AdaLN modulation LN(x)(1+scale)+shift, the gammas and the training logits in float32 and runs
+    # the blocks' matmuls in `dtype`; 'lean' also rounds those to `dtype` (less memory). Same params.
+    precision: str = 'official'
     # How the blocks run; none of these changes the params or the math (only speed and memory).
     scan: Any = None           # True: one nn.scan over the blocks (compile time independent of depth); False:
     #                            unrolled (faster on CPU); None: scan on TPU / GPU, unrolled on CPU
@@ -317,11 +325,13 @@ class VAR(nn.Module):
         fc1_kernel_shape = (C, round(C * self.mlp_ratio))
         remat_policy(self.remat, fc1_kernel_shape)
         attn_lib.resolve(self.attention, self.dtype)  # a bad name fails here, not deep in a trace
+        if self.precision not in PRECISIONS:
+            raise ValueError(f'var.precision={self.precision!r}: use one of {PRECISIONS}')
         scan = self.scan if self.scan is not None else target_platform() != 'cpu'
         self.blocks = stacked_blocks(AdaLNSelfAttn, self.depth, scan, self.remat, fc1_kernel_shape)(
             C, self.num_heads, self.mlp_ratio, self.norm_eps, self.attn_l2_norm, self.shared_aln,
             self.drop_path_rate > 0, std, self.depth, self.init_adaln, self.init_adaln_gamma, self.dtype,
-            self.attention, name=BLOCKS)
+            self.attention, self._wide_dtype, name=BLOCKS)
         self.head_nm = AdaLNBeforeHead(C, self.norm_eps, std, self.init_adaln)
         self.head = Head(self.vocab_size, trunc_normal(std, self.init_head))
 
@@ -350,14 +360,20 @@ class VAR(nn.Module):
             return self.shared_ada_lin(nn.silu(cond)).reshape(-1, 6, self.embed_dim)
         return cond
 
-    def logits(self, h, cond, dtype=jnp.float32):
-        """Head: AdaLN in float32, then the vocabulary projection computed and returned in `dtype`.
+    @property
+    def _wide_dtype(self):
+        """The dtype of the residual stream, the modulation and the training logits (see `precision`)."""
+        return jnp.float32 if self.precision == 'official' else self.dtype
 
-        The sampler asks for float32 logits. Training passes the blocks' dtype: in bfloat16 the (B, L, V)
-        logits and their gradient are half the bytes, as under the official autocast (its head is a low
-        precision matmul too); the loss upcasts them inside its fused reductions.
+    def logits(self, h, cond, dtype=jnp.float32, out_dtype=None):
+        """Head: AdaLN in float32, then the vocabulary projection computed in `dtype` (accumulated in float32) and
+        returned in `out_dtype` (default `dtype`).
+
+        The sampler asks for float32 logits. Training computes in the blocks' dtype and returns float32 logits
+        ('official': the official loss takes them in float32) or, 'lean', the blocks' dtype: the (B, L, V) logits
+        and their gradient are then half the bytes; the loss upcasts them inside its fused reductions.
         """
-        return self.head(self.head_nm(h.astype(jnp.float32), cond), dtype)
+        return self.head(self.head_nm(h.astype(jnp.float32), cond), dtype, out_dtype)
 
     # --- teacher forcing ---------------------------------------------------------------------
     def __call__(self, labels, x_wo_first, train: bool = False):
@@ -384,8 +400,9 @@ class VAR(nn.Module):
                              self.word_embed(x_wo_first.astype(jnp.float32)) + self.lvl_pos(first, end)[None]],
                             axis=1)
         sizes = tuple(e - b for b, e in self.begin_ends if e <= end)
-        h, _ = self.blocks(x.astype(self.dtype), self._drop_rates(), None, self._cond_or_gss(cond), train, sizes)
-        return self.logits(h, cond, self.dtype)
+        h, _ = self.blocks(x.astype(self._wide_dtype), self._drop_rates(), None, self._cond_or_gss(cond), train,
+                           sizes)
+        return self.logits(h, cond, self.dtype, self._wide_dtype)
 
     def _drop_rates(self):
         """Per-block drop-path rates, linearly from 0 to drop_path_rate (official)."""
@@ -411,7 +428,7 @@ class VAR(nn.Module):
         if held != begin:
             raise ValueError(f'scale {si} needs the cache of the {begin} tokens before it, got {held}: call step '
                              f'for the scales in order, starting from init_cache')
-        h, (k, v) = self.blocks(tokens.astype(self.dtype), self._drop_rates(), (cache['k'], cache['v']),
+        h, (k, v) = self.blocks(tokens.astype(self._wide_dtype), self._drop_rates(), (cache['k'], cache['v']),
                                 self._cond_or_gss(cond), False, None)
         return self.logits(h, cond), {'k': k, 'v': v}
 
