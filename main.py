@@ -77,8 +77,12 @@ def main(argv):
     from var_jax import preflight
     from var_jax.errors import UserError
     from var_jax.trainers import loop
-    if config.distributed:
-        jax.distributed.initialize()
+    try:
+        runtime.initialize_distributed(config)
+    except UserError as e:
+        _fail(EXIT_BAD_INPUT, str(e))
+    if jax.process_index() > 0:  # one progress line: process 0's; the others' warnings and errors still show
+        sys.stdout = open(os.devnull, 'w')
     runtime.use_compile_cache(config.compile_cache_dir)
     workdir = FLAGS.workdir or os.path.join(
         'workdirs', os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS['config'])))[0])

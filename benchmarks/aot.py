@@ -16,6 +16,8 @@ sampler's f_hat -> pixels, its own program) on one chip. One table row per progr
   while loop once, so for scanned blocks (var.scan) (depth - 1) x one block's cost is added, taken from the
   blocks alone compiled unrolled at depth 2 minus depth 1; and for the passes of the sampler's top-k /
   top-p threshold searches, the token filters compiled with the passes written out minus the same as loops.
+  With transformer.grad_accum k (--grad_accum) the micro-batch loop is counted k times (the optimizer update,
+  a small part, with it).
 - img/s = batch / est. s (all chips); MFU = analytic model FLOPs (benchmarks/common.analytic_flops) per
   chip / est. s / the chip's peak bf16 FLOP/s.
 - --top_ops N: under each row the N instructions with the most cycles in XLA's per-instruction estimates
@@ -54,6 +56,8 @@ flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'transformer compute d
 flags.DEFINE_enum('remat', None, list(REMAT_POLICIES), 'per-block rematerialisation (default: the config\'s)')
 flags.DEFINE_enum('attention', None, list(attention.IMPLEMENTATIONS), 'attention kernel (default: the config\'s)')
 flags.DEFINE_bool('scan', None, 'scan over the blocks (default: the config\'s)')
+flags.DEFINE_integer('grad_accum', None, 'transformer micro-batches per step (default: the config\'s)')
+flags.DEFINE_enum('precision', None, ['official', 'lean'], 'var.precision (default: the config\'s)')
 flags.DEFINE_bool('correct_loops', True, 'correct XLA\'s once-per-loop cost counts (extra small compiles)')
 flags.DEFINE_integer('top_ops', 0, 'after each row, the N instructions XLA estimates costliest (0: none)')
 FLAGS = flags.FLAGS
@@ -150,10 +154,13 @@ def corrected_cost(config, name, mesh, device, batch, compiled):
     if not s > 0:  # XLA gave no usable estimate (negative for some sharded programs): nothing to correct
         s = float('nan')
     vqvae, var = common.models(config)
+    accum = config.transformer.grad_accum if name == 'transformer' else 1
     if var.scan is not False and var.depth > 1:  # None scans on TPU
-        (f1, s1), (f2, s2) = (cost(_compile(*_blocks_only(config, name, mesh, device, batch, d), mesh, options))
-                              for d in (1, 2))
+        (f1, s1), (f2, s2) = (cost(_compile(*_blocks_only(config, name, mesh, device, batch // accum, d), mesh,
+                                            options)) for d in (1, 2))
         f, s = f + (var.depth - 1) * (f2 - f1), s + (var.depth - 1) * (s2 - s1)
+    if accum > 1:  # the micro-batch scan's body is counted once: count it k times (and the small update with it)
+        f, s = accum * f, accum * s
     sample = config.sample
     if name == 'sampler' and (sample.top_k > 0 or sample.top_p > 0):
         (f_loop, s_loop), (f_all, s_all) = (_filters_cost(var, device, batch, sample, unroll, options)
@@ -233,8 +240,11 @@ def top_ops(compiled, n: int) -> str:
 
 def main(_):
     config = common.config()
-    overrides = {k: getattr(FLAGS, k) for k in ('dtype', 'remat', 'attention', 'scan') if getattr(FLAGS, k) is not None}
+    overrides = {k: getattr(FLAGS, k) for k in ('dtype', 'remat', 'attention', 'scan', 'precision')
+                 if getattr(FLAGS, k) is not None}
     config.var.update(overrides)
+    if FLAGS.grad_accum:
+        config.transformer.grad_accum = FLAGS.grad_accum
     topo = topologies.get_topology_desc(topology_name=FLAGS.topology, platform='tpu')
     devices = topo.devices
     n = len(devices)

@@ -95,7 +95,7 @@ def transformer_program(config, vqvae, var, mesh, batch: int):
     L = seq_len(var)
     weights = jax.ShapeDtypeStruct((L,), jnp.float32, sharding=rep)
     vae_params = abstract_vae_params(vqvae, mesh)
-    step = jax.jit(transformer.make_step(vqvae, var, tx, cfg.label_smoothing),
+    step = jax.jit(transformer.make_step(vqvae, var, tx, cfg.label_smoothing, cfg.grad_accum),
                    in_shardings=(shardings, rep, bs, rep), out_shardings=(shardings, rep), donate_argnums=0)
     data = token_batch(var, batch, mesh) if config.data.pretokenize else image_batch(vqvae, batch, mesh)
     return step, (state, vae_params, data, weights), tx

@@ -35,7 +35,14 @@ def base_config():
     c.seed = 0
     c.stages = 'tokenizer,transformer'   # which stages `--mode=train` runs, in order
     c.init_from = ''                     # converted checkpoint, a run's export/ or hf:NAME: skips what it holds
-    c.distributed = False                # jax.distributed.initialize() (multi-host GPU / TPU pods)
+    # Several processes (multi-host GPU / TPU pods, docs/training.md#multiple-hosts): distributed=True calls
+    # jax.distributed.initialize, with JAX's own cluster detection (Cloud TPU, Slurm, Open MPI, Kubernetes) unless
+    # cluster.* names the coordinator 'host:port', the number of processes and this one's id (python -m
+    # var_jax.launch sets them for N processes on one machine). local_device_ids: '' = all, or e.g. '0,1'.
+    c.distributed = False
+    c.cluster = ml_collections.ConfigDict(dict(
+        coordinator_address='', num_processes=0, process_id=-1, local_device_ids='',
+        initialization_timeout_s=300, heartbeat_timeout_s=100))   # how long a lost process may stay silent
     # XLA's persistent compilation cache: a rerun loads its compiled steps instead of compiling them again
     # (minutes on TPU). '' = off; $JAX_COMPILATION_CACHE_DIR, when set, takes precedence.
     c.compile_cache_dir = '~/.cache/var_jax/xla'

@@ -1,4 +1,5 @@
-"""Process setup: the CPU allocator (before JAX starts its thread pool) and the compilation cache."""
+"""Process setup: the CPU allocator (before JAX starts its thread pool), several processes as one JAX program, and
+the compilation cache."""
 import ctypes
 import importlib.metadata
 import importlib.util
@@ -56,4 +57,32 @@ def use_compile_cache(directory: str) -> bool:
     if not directory or jax.config.jax_compilation_cache_dir:
         return False
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(directory))
+    return True
+
+
+def initialize_distributed(config) -> bool:
+    """jax.distributed.initialize for config.distributed (before anything touches a device): with the coordinator,
+    process count and id of config.cluster when given, else JAX's cluster auto-detection. Returns whether it ran.
+
+    Why the explicit form: auto-detection knows Cloud TPU, Slurm, Open MPI and Kubernetes only; a plain multi-node
+    GPU job, or N processes on one machine (python -m var_jax.launch), must name the coordinator themselves.
+    """
+    if not config.distributed:
+        return False
+    import jax
+    from var_jax.errors import ConfigError
+    c = config.cluster
+    explicit = dict(coordinator_address=c.coordinator_address or None,
+                    num_processes=c.num_processes if c.num_processes > 0 else None,
+                    process_id=c.process_id if c.process_id >= 0 else None)
+    given = [k for k, v in explicit.items() if v is not None]
+    if given and len(given) < 3:
+        missing = sorted(set(explicit) - set(given))
+        raise ConfigError(f'cluster.{", cluster.".join(given)} given without cluster.{", cluster.".join(missing)}: '
+                          f'give all three (or none, for JAX\'s cluster detection)')
+    if given and not 0 <= c.process_id < c.num_processes:
+        raise ConfigError(f'cluster.process_id={c.process_id} must be in [0, cluster.num_processes={c.num_processes})')
+    ids = [int(i) for i in str(c.local_device_ids).split(',') if i.strip()] or None
+    jax.distributed.initialize(**explicit, local_device_ids=ids, initialization_timeout=c.initialization_timeout_s,
+                               heartbeat_timeout_seconds=c.heartbeat_timeout_s)
     return True

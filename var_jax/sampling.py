@@ -185,12 +185,16 @@ def _labels_array(var, labels, batch_size):
             raise ValueError('an int label needs batch_size')
         labels = np.full((batch_size,), labels)
     given = labels
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.shape[0] == 0 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f'labels must be a non-empty 1-D integer array (B,), got shape {labels.shape} '
+    if isinstance(labels, jax.Array) and not labels.is_fully_addressable:  # several hosts: check this one's part
+        shape, labels = labels.shape, np.concatenate([np.asarray(s.data).ravel() for s in labels.addressable_shards])
+    else:
+        labels = np.asarray(labels)
+        shape = labels.shape
+    if len(shape) != 1 or shape[0] == 0 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f'labels must be a non-empty 1-D integer array (B,), got shape {shape} '
                          f'dtype {labels.dtype}')
-    if batch_size is not None and labels.shape[0] != batch_size:
-        raise ValueError(f'{labels.shape[0]} labels for batch_size {batch_size}')
+    if batch_size is not None and shape[0] != batch_size:
+        raise ValueError(f'{shape[0]} labels for batch_size {batch_size}')
     if labels.max() > n:
         raise ValueError(f'labels must be in [0, {n}) for the {n} classes, or {n} or negative for the null '
                          f'class (unconditional); got values {labels.min()}..{labels.max()}')

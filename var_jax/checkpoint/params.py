@@ -69,15 +69,16 @@ def save_pretrained(out_dir: str, model_configs: Mapping[str, dict], params: Map
     """Writes params (out_dir/params, orbax) and their models' constructor kwargs (out_dir/model.json).
 
     model_configs / params: {'vae': ..., 'var': ...} (either may be absent). model.json is written last,
-    so a directory with a model.json holds complete params.
+    so a directory with a model.json holds complete params. Every process of a run must call it.
     """
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.StandardCheckpointer() as ckptr:  # with several processes: all call it (orbax syncs them), one writes
         ckptr.save(os.path.join(out_dir, 'params'), dict(params), force=True)
     cfgs = {name: {k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}
             for name, c in model_configs.items()}
-    atomic_write_json(os.path.join(out_dir, 'model.json'), cfgs)
+    if jax.process_index() == 0:
+        atomic_write_json(os.path.join(out_dir, 'model.json'), cfgs)
 
 
 def load_model_config(ckpt_dir: str) -> dict:

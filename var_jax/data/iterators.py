@@ -18,9 +18,11 @@ restarted run needs nothing but the step it resumes from:
   * Crop and flip use stateless random ops seeded with (epoch seed, position in the epoch), so
     they do not depend on threads or on where a run started.
 
-Multi-host: each process reads its own equal-size shard of the split (TFDS `even_splits` with
-drop_remainder, or an equal slice of the folder's file list), so all hosts have the same number of
-steps per epoch. The per-host batch is global_batch_size // process_count.
+Multi-host: the per-host batch is global_batch_size // process_count. A split held in memory is held whole by
+every host, and each global batch is cut into the hosts' parts: host h reads rows [h*b, (h+1)*b) of every global
+batch of the epoch's permutation, so the global batches (and their crops) are the same for any number of hosts,
+and within an epoch no example is read twice or skipped. A streamed split: each process reads its own equal-size
+shard (TFDS `even_splits` with drop_remainder), so all hosts have the same number of steps per epoch.
 """
 import itertools
 from typing import Iterator, Optional
@@ -75,19 +77,31 @@ def make_train_iterator(data_config, global_batch_size: int, *, seed: int, start
     process_index, process_count = process_layout(process_index, process_count)
     batch = host_batch_size(global_batch_size, process_count)
     shard = sources.shard(cfg, True, process_index, process_count)
-    steps_per_epoch = shard.num_examples // batch
+    if process_count > 1 and shard.select is not None:  # in memory: the whole split, cut per global batch
+        shard = sources.shard(cfg, True, 0, 1)
+    whole = shard.select is not None
+    steps_per_epoch = shard.num_examples // (global_batch_size if whole else batch)
     if steps_per_epoch == 0:
-        raise ConfigError(f'this host has {shard.num_examples} training examples, fewer than one '
-                         f'per-host batch of {batch}; use a smaller batch or more data.')
+        raise ConfigError(f'{"the split" if whole else "this host"} has {shard.num_examples} training examples, fewer '
+                          f'than one batch of {global_batch_size if whole else batch}; use a smaller batch or more data.')
     first_epoch, skip_batches = divmod(int(start_step), steps_per_epoch)
+
+    def epoch_examples(epoch_seed):
+        """(position in the epoch, (key, label)) of this host's examples: the position seeds crop and flip."""
+        if not whole:
+            return shard.ordered(epoch_seed).take(steps_per_epoch * batch).enumerate()
+        order = np.random.default_rng(epoch_seed).permutation(shard.num_examples)
+        rows = order[:steps_per_epoch * global_batch_size].reshape(steps_per_epoch, process_count, batch)
+        positions = (np.arange(steps_per_epoch)[:, None] * global_batch_size + process_index * batch
+                     + np.arange(batch)[None]).ravel()
+        return tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(positions),
+                                   shard.select(rows[:, process_index].ravel()))
 
     def batches():
         skip = skip_batches
         for epoch in itertools.count(first_epoch):
             epoch_seed = derive_seed(seed, epoch)
-            ds = (shard.ordered(epoch_seed)
-                  .take(steps_per_epoch * batch)
-                  .enumerate()  # position in the epoch, before skipping: it seeds crop and flip
+            ds = (epoch_examples(epoch_seed)
                   .skip(skip * batch)
                   .map(preprocessing.train_preprocess(cfg, epoch_seed, shard.decode),
                        num_parallel_calls=tf.data.AUTOTUNE)

@@ -44,18 +44,21 @@ class Shard:
     largest_shard: int
     ordered: Callable[[Optional[int]], tf.data.Dataset]
     decode: Callable
+    select: Optional[Callable[[np.ndarray], tf.data.Dataset]] = None  # in memory: (key, label) of given indices
 
 
 def _in_memory_shard(keys: np.ndarray, labels: np.ndarray, decode, largest_shard) -> Shard:
     keys_t = tf.constant(keys)
     labels = np.asarray(labels, np.int32)
 
-    def ordered(epoch_seed):
-        order = (np.arange(len(labels)) if epoch_seed is None
-                 else np.random.default_rng(epoch_seed).permutation(len(labels)))
+    def select(order):
         return tf.data.Dataset.from_tensor_slices((tf.gather(keys_t, order), labels[order]))
 
-    return Shard(len(labels), largest_shard, ordered, decode)
+    def ordered(epoch_seed):
+        return select(np.arange(len(labels)) if epoch_seed is None
+                      else np.random.default_rng(epoch_seed).permutation(len(labels)))
+
+    return Shard(len(labels), largest_shard, ordered, decode, select)
 
 
 # ----------------------------------------------------------------------------- TFDS and synthetic

@@ -19,7 +19,7 @@ from var_jax.errors import MissingFileError
 
 # Config fields a run may change when it resumes: schedule length and bookkeeping, never the model or data.
 RESUMABLE_KEYS = ('*total_steps', '*log_every*', '*eval_every*', '*sample_every*', '*save_every*',
-                  '*keep_checkpoints*', 'sample', 'sample.*', 'mesh', 'mesh.*', 'distributed', 'stages',
+                  '*keep_checkpoints*', 'sample', 'sample.*', 'mesh', 'mesh.*', 'distributed', 'cluster', 'cluster.*', 'stages',
                   '*perceptual_weights_path', 'eval', 'eval.*', 'compile_cache_dir')
 # Config sections a stage's checkpoints do not depend on: the other stage's own settings (so the
 # transformer can be retuned on a finished tokenizer, and the reverse, in the same workdir).

@@ -223,10 +223,8 @@ def train(config, workdir: str, pretrained=None):
                      step_fn=make_step(vqvae, tx, cfg.l1, cfg.l2, cfg.restart_every, **step_kw),
                      step_args=frozen, total_steps=cfg.total_steps, batch_size=cfg.batch_size,
                      on_sample=on_sample)
-    params = jax.device_get(state['params'])
-    if jax.process_index() == 0:
-        checkpoint.save_pretrained(tokenizer_export_dir(workdir), {'vae': checkpoint.model_config(vqvae)},
-                                   {'vae': params})
+    params = jax.tree.map(sharding.to_host, state['params'])  # FSDP shards may sit on other hosts
+    checkpoint.save_pretrained(tokenizer_export_dir(workdir), {'vae': checkpoint.model_config(vqvae)}, {'vae': params})
     return params
 
 

@@ -210,11 +210,10 @@ def train(config, workdir: str, num_data_classes: int, vae_params=None, pretrain
                      on_eval=_validation(config, vqvae, var, vae_params, mesh), token_weights_fn=weights,
                      make_batches=pretokenized_batches(config, workdir, vqvae, vae_params)
                      if config.data.pretokenize else None)
-    params = jax.device_get(state['params'])
-    if jax.process_index() == 0:
-        checkpoint.save_pretrained(checkpoint.export_dir(workdir),
-                                   {'vae': checkpoint.model_config(vqvae), 'var': checkpoint.model_config(var)},
-                                   {'vae': jax.device_get(vae_params), 'var': params})
+    params = jax.tree.map(sharding.to_host, state['params'])  # FSDP shards may sit on other hosts
+    checkpoint.save_pretrained(checkpoint.export_dir(workdir),
+                               {'vae': checkpoint.model_config(vqvae), 'var': checkpoint.model_config(var)},
+                               {'vae': jax.device_get(vae_params), 'var': params})
     return params
 
 
@@ -255,8 +254,8 @@ def _validation(config, vqvae, var, vae_params, mesh):
     def on_eval(params, _):
         sums, n = {}, 0
         for batch in itertools.islice(data.make_eval_iterator(config.data, batch_size), e.val_batches):
-            mask = batch['mask']
-            batch = sharding.global_batch({'image': batch['image'], 'label': batch['label']}, mesh)
+            batch = sharding.global_batch(batch, mesh)
+            mask = sharding.to_host(batch.pop('mask')).astype(bool)  # every host's, in the outputs' order
             for k, v in jax.device_get(step(params, vae_params, batch)).items():
                 sums[k] = sums.get(k, 0.0) + float(np.sum(v[mask]))
             n += int(mask.sum())
