@@ -6,7 +6,8 @@ requirements-tpu.txt (docs/benchmarks.md); the CPU venv of the project does not 
     python benchmarks/aot.py --config=configs/var_d30.py --topology v5p:2x2x4 --fsdp 16 --programs transformer
 
 Programs (--programs): 'transformer' (the transformer train step of var_jax.trainers.transformer: on token
-maps with --config.data.pretokenize=True, else tokenizing the images in the step), 'tokenizer' (the tokenizer train step, reconstruction + VQ loss) on every chip of the topology,
+maps with --config.data.pretokenize=True, else tokenizing the images in the step), 'tokenizer' (the tokenizer
+train step, reconstruction + VQ loss) on every chip of the topology,
 'sampler' (var_jax.sampling's compiled scale loop: cfg on, the config's top-k / top-p) and 'decode' (the
 sampler's f_hat -> pixels, its own program) on one chip. One table row per program:
 
@@ -23,10 +24,11 @@ sampler's f_hat -> pixels, its own program) on one chip. One table row per progr
 - --top_ops N: under each row the N instructions with the most cycles in XLA's per-instruction estimates
   (relative weights within a program; Pallas kernels have none): where to look for the time.
 """
+
 import os
 
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')          # compile for the TPU topology, run nothing
-os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')        # not on a TPU VM: no metadata server to ask
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # compile for the TPU topology, run nothing
+os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')  # not on a TPU VM: no metadata server to ask
 os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5p-8')  # quiets libtpu's start-up checks; not the target
 os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
 os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # several compiles may run side by side
@@ -35,7 +37,6 @@ import dataclasses  # noqa: E402
 import re  # noqa: E402
 import time  # noqa: E402
 
-import common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -46,54 +47,82 @@ from var_jax import draws, sampling, sharding  # noqa: E402
 from var_jax.models import attention, platform  # noqa: E402
 from var_jax.models.stacking import REMAT_POLICIES  # noqa: E402
 
+import common  # noqa: E402
+
 common.define_config_flag()
-flags.DEFINE_string('topology', 'v5p:2x2x1', 'TPU topology, e.g. v4:2x2x1, v5e:2x2, v5p:2x2x4, v6e:2x2')
+flags.DEFINE_string('topology', 'v5p:2x2x1', 'TPU topology, e.g. v4:2x2x1, v5e:2x2, v5p:2x2x4, v6e:2x2, v5p:1x1x1')
 flags.DEFINE_list('programs', ['transformer', 'tokenizer', 'sampler', 'decode'], 'programs to compile')
-flags.DEFINE_integer('batch_per_chip', None, 'train batch per chip (default: the config\'s batch / chips)')
+flags.DEFINE_integer('batch_per_chip', None, "train batch per chip (default: the config's batch / chips)")
 flags.DEFINE_integer('sample_batch', 64, 'sampler batch (one chip; doubled inside for cfg)')
 flags.DEFINE_integer('fsdp', None, 'chips per FSDP group (default: config.mesh.fsdp, capped at the chips)')
-flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], 'transformer compute dtype (default: the config\'s)')
-flags.DEFINE_enum('remat', None, list(REMAT_POLICIES), 'per-block rematerialisation (default: the config\'s)')
-flags.DEFINE_enum('attention', None, list(attention.IMPLEMENTATIONS), 'attention kernel (default: the config\'s)')
-flags.DEFINE_bool('scan', None, 'scan over the blocks (default: the config\'s)')
-flags.DEFINE_integer('grad_accum', None, 'transformer micro-batches per step (default: the config\'s)')
-flags.DEFINE_enum('precision', None, ['official', 'lean'], 'var.precision (default: the config\'s)')
-flags.DEFINE_bool('correct_loops', True, 'correct XLA\'s once-per-loop cost counts (extra small compiles)')
+flags.DEFINE_enum('dtype', None, ['float32', 'bfloat16'], "transformer compute dtype (default: the config's)")
+flags.DEFINE_enum('remat', None, list(REMAT_POLICIES), "per-block rematerialisation (default: the config's)")
+flags.DEFINE_enum('attention', None, list(attention.IMPLEMENTATIONS), "attention kernel (default: the config's)")
+flags.DEFINE_bool('scan', None, "scan over the blocks (default: the config's)")
+flags.DEFINE_integer('grad_accum', None, "transformer micro-batches per step (default: the config's)")
+flags.DEFINE_enum('precision', None, ['official', 'lean'], "var.precision (default: the config's)")
+flags.DEFINE_bool('correct_loops', True, "correct XLA's once-per-loop cost counts (extra small compiles)")
 flags.DEFINE_integer('top_ops', 0, 'after each row, the N instructions XLA estimates costliest (0: none)')
 FLAGS = flags.FLAGS
 
 # Per chip: bf16 peak TFLOP/s, HBM GiB, TensorCores (a v4 topology lists each core as a device).
-CHIPS = {'TPU v4': (275.0, 32.0, 2), 'TPU v5 lite': (197.0, 16.0, 1), 'TPU v5': (459.0, 95.0, 2),
-         'TPU v6 lite': (918.0, 32.0, 1)}
+CHIPS = {
+    'TPU v4': (275.0, 32.0, 2),
+    'TPU v5 lite': (197.0, 16.0, 1),
+    'TPU v5': (459.0, 95.0, 2),
+    'TPU v6 lite': (918.0, 32.0, 1),
+}
 
 
 @dataclasses.dataclass
 class Row:
     program: str
     chips: int
-    batch: int           # global batch (sampler: images)
+    batch: int  # global batch (sampler: images)
     compile_s: float
     arg: float
     temp: float
     out: float
     fits: bool
-    tflop: float         # per chip
+    tflop: float  # per chip
     est_s: float
-    model_flops: float   # analytic, per chip
+    model_flops: float  # analytic, per chip
 
     def cells(self, peak):
         # XLA gives a negative estimate for some programs (the tokenizer step, the transformer step on a mesh with
         # both a data and an FSDP axis > 1): none then
         ok = self.est_s > 0
         mfu = self.model_flops / self.est_s / (peak * 1e12) * 100 if self.model_flops and ok else float('nan')
-        return [self.program, str(self.chips), str(self.batch), f'{self.compile_s:.0f}', f'{self.arg:.2f}',
-                f'{self.temp:.2f}', f'{self.out:.2f}', 'yes' if self.fits else 'NO', f'{self.tflop:.1f}',
-                f'{self.est_s:.3f}' if ok else '-', f'{self.batch / self.est_s:.0f}' if ok else '-',
-                f'{mfu:.0f}%' if mfu == mfu else '-']
+        return [
+            self.program,
+            str(self.chips),
+            str(self.batch),
+            f'{self.compile_s:.0f}',
+            f'{self.arg:.2f}',
+            f'{self.temp:.2f}',
+            f'{self.out:.2f}',
+            'yes' if self.fits else 'NO',
+            f'{self.tflop:.1f}',
+            f'{self.est_s:.3f}' if ok else '-',
+            f'{self.batch / self.est_s:.0f}' if ok else '-',
+            f'{mfu:.0f}%' if mfu == mfu else '-',
+        ]
 
 
-HEADER = ['program', 'chips', 'batch', 'compile s', 'arg GiB', 'temp GiB', 'out GiB', 'fits HBM',
-          'TFLOP/chip', 'est. s', 'est. img/s', 'MFU']
+HEADER = [
+    'program',
+    'chips',
+    'batch',
+    'compile s',
+    'arg GiB',
+    'temp GiB',
+    'out GiB',
+    'fits HBM',
+    'TFLOP/chip',
+    'est. s',
+    'est. img/s',
+    'MFU',
+]
 
 
 def device_info(device):
@@ -111,8 +140,12 @@ def cost(compiled):
 def memory(compiled, hbm):
     m = compiled.memory_analysis()
     g = lambda b: b / 2**30
-    arg, temp, out, alias = (g(m.argument_size_in_bytes), g(m.temp_size_in_bytes), g(m.output_size_in_bytes),
-                             g(m.alias_size_in_bytes))
+    arg, temp, out, alias = (
+        g(m.argument_size_in_bytes),
+        g(m.temp_size_in_bytes),
+        g(m.output_size_in_bytes),
+        g(m.alias_size_in_bytes),
+    )
     return arg, temp, out, arg + temp + out - alias <= hbm
 
 
@@ -156,15 +189,17 @@ def corrected_cost(config, name, mesh, device, batch, compiled):
     vqvae, var = common.models(config)
     accum = config.transformer.grad_accum if name == 'transformer' else 1
     if var.scan is not False and var.depth > 1:  # None scans on TPU
-        (f1, s1), (f2, s2) = (cost(_compile(*_blocks_only(config, name, mesh, device, batch // accum, d), mesh,
-                                            options)) for d in (1, 2))
+        (f1, s1), (f2, s2) = (
+            cost(_compile(*_blocks_only(config, name, mesh, device, batch // accum, d), mesh, options)) for d in (1, 2)
+        )
         f, s = f + (var.depth - 1) * (f2 - f1), s + (var.depth - 1) * (s2 - s1)
     if accum > 1:  # the micro-batch scan's body is counted once: count it k times (and the small update with it)
         f, s = accum * f, accum * s
     sample = config.sample
     if name == 'sampler' and (sample.top_k > 0 or sample.top_p > 0):
-        (f_loop, s_loop), (f_all, s_all) = (_filters_cost(var, device, batch, sample, unroll, options)
-                                            for unroll in (1, 32))
+        (f_loop, s_loop), (f_all, s_all) = (
+            _filters_cost(var, device, batch, sample, unroll, options) for unroll in (1, 32)
+        )
         f, s = f + f_all - f_loop, s + s_all - s_loop
     return f, s
 
@@ -187,8 +222,9 @@ def _blocks_only(config, name, mesh, device, batch, depth):
         bs = sharding.batch_sharding(mesh)
         x = jax.ShapeDtypeStruct((batch, L - var.patch_nums[0] ** 2, var.cvae), jnp.float32, sharding=bs)
         labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=bs)
-        loss = lambda p, labels, x: var.apply({'params': p}, labels, x, train=True,
-                                              rngs={'dropout': jax.random.PRNGKey(0)}).mean()
+        loss = lambda p, labels, x: var.apply(
+            {'params': p}, labels, x, train=True, rngs={'dropout': jax.random.PRNGKey(0)}
+        ).mean()
         return jax.jit(jax.grad(loss)), (params, labels, x)
     one = jax.sharding.SingleDeviceSharding(device)
     params = common.with_shardings(shapes, jax.tree.map(lambda _: one, shapes))
@@ -204,6 +240,7 @@ def _blocks_only(config, name, mesh, device, batch, depth):
             if si + 1 < len(var.patch_nums):
                 x = v.scale_tokens(si + 1, jnp.zeros((2 * batch, var.patch_nums[si + 1] ** 2, var.cvae)))
         return out
+
     return jax.jit(steps), (params, labels)
 
 
@@ -211,13 +248,24 @@ def _filters_cost(var, device, batch, sample, unroll, options):
     """XLA's (flops, seconds) of the sampler's token draw (the config's top-k / top-p filter, categorical) for
     every scale's logits, with `unroll` passes of each threshold search per loop body."""
     one = jax.sharding.SingleDeviceSharding(device)
-    logits = [jax.ShapeDtypeStruct((batch, pn * pn, var.vocab_size), jnp.float32, sharding=one)
-              for pn in var.patch_nums]
+    logits = [
+        jax.ShapeDtypeStruct((batch, pn * pn, var.vocab_size), jnp.float32, sharding=one) for pn in var.patch_nums
+    ]
 
     def draw(logits):
         key = jax.random.PRNGKey(0)
-        return [draws.sample_logits(key, z, top_k=int(sample.top_k), top_p=jnp.float32(sample.top_p),
-                                       use_top_p=sample.top_p > 0, search_unroll=unroll)[0] for z in logits]
+        return [
+            draws.sample_logits(
+                key,
+                z,
+                top_k=int(sample.top_k),
+                top_p=jnp.float32(sample.top_p),
+                use_top_p=sample.top_p > 0,
+                search_unroll=unroll,
+            )[0]
+            for z in logits
+        ]
+
     return cost(jax.jit(draw).lower(logits).compile(compiler_options=options))
 
 
@@ -230,7 +278,7 @@ def top_ops(compiled, n: int) -> str:
         if head:
             computation = head.group(1)
         cycles = re.search(r'"estimated_cycles":"(\d+)"', line)
-        if cycles and line.startswith('  ') and int(cycles.group(1)) < 2 ** 62:  # int64 max: no estimate
+        if cycles and line.startswith('  ') and int(cycles.group(1)) < 2**62:  # int64 max: no estimate
             op = re.search(r'op_name="([^"]*)"', line)
             shape = line.split('=', 1)[1].split()[0]
             rows.append((int(cycles.group(1)), computation[:32], shape[:48], op.group(1)[-70:] if op else ''))
@@ -240,12 +288,18 @@ def top_ops(compiled, n: int) -> str:
 
 def main(_):
     config = common.config()
-    overrides = {k: getattr(FLAGS, k) for k in ('dtype', 'remat', 'attention', 'scan', 'precision')
-                 if getattr(FLAGS, k) is not None}
+    overrides = {
+        k: getattr(FLAGS, k)
+        for k in ('dtype', 'remat', 'attention', 'scan', 'precision')
+        if getattr(FLAGS, k) is not None
+    }
     config.var.update(overrides)
     if FLAGS.grad_accum:
         config.transformer.grad_accum = FLAGS.grad_accum
-    topo = topologies.get_topology_desc(topology_name=FLAGS.topology, platform='tpu')
+    dims = [int(d) for d in FLAGS.topology.split(':')[-1].split('x')]
+    # fewer chips than one host has (e.g. v5p:1x1x1, a single chip): the host bounds are the topology itself
+    host = {'chips_per_host_bounds': tuple(dims)} if len(dims) == 3 and dims[0] * dims[1] * dims[2] < 4 else {}
+    topo = topologies.get_topology_desc(topology_name=FLAGS.topology, platform='tpu', **host)
     devices = topo.devices
     n = len(devices)
     fsdp = FLAGS.fsdp or min(config.mesh.fsdp, n)
@@ -253,12 +307,14 @@ def main(_):
     one = sharding.make_mesh(1, devices=devices[:1])
     peak, hbm = device_info(devices[0])
     vqvae, var = common.models(config)
-    print(f'{FLAGS.topology}: {n} x {devices[0].device_kind} (peak {peak:.0f} TFLOP/s bf16, {hbm:.0f} GiB HBM '
-          f'per device); {config_flags.get_config_filename(FLAGS["config"])}: VAR d{var.depth} '
-          f'{common.seq_len(var)} tokens {vqvae.image_size} px, {var.dtype}, scan {var.scan}, remat {var.remat}, '
-          f'attention {var.attention} (-> {_resolved(var)}), fsdp {fsdp}, '
-          f'{"pre-tokenised data" if config.data.pretokenize else "tokenising in the step"}; jax {jax.__version__}',
-          flush=True)
+    print(
+        f'{FLAGS.topology}: {n} x {devices[0].device_kind} (peak {peak:.0f} TFLOP/s bf16, {hbm:.0f} GiB HBM '
+        f'per device); {config_flags.get_config_filename(FLAGS["config"])}: VAR d{var.depth} '
+        f'{common.seq_len(var)} tokens {vqvae.image_size} px, {var.dtype}, scan {var.scan}, remat {var.remat}, '
+        f'attention {var.attention} (-> {_resolved(var)}), fsdp {fsdp}, '
+        f'{"pre-tokenised data" if config.data.pretokenize else "tokenising in the step"}; jax {jax.__version__}',
+        flush=True,
+    )
     widths = [max(len(h), 7) for h in HEADER]
     line = lambda cells: print('| ' + ' | '.join(x.rjust(w) for x, w in zip(cells, widths)) + ' |', flush=True)
     line(HEADER)
@@ -275,8 +331,10 @@ def main(_):
             f, s = cost(compiled)
             if FLAGS.correct_loops and name in ('transformer', 'sampler'):
                 f, s = corrected_cost(config, name, mesh_p, devices[0], batch, compiled)
-            model = {'transformer': common.analytic_flops(var, batch // chips),
-                     'sampler': common.analytic_flops(var, 2 * batch, train=False)}.get(name, 0.0)
+            model = {
+                'transformer': common.analytic_flops(var, batch // chips),
+                'sampler': common.analytic_flops(var, 2 * batch, train=False),
+            }.get(name, 0.0)
             line(Row(name, chips, batch, secs, *memory(compiled, hbm), f / 1e12, s, model).cells(peak))
             if FLAGS.top_ops:
                 print(top_ops(compiled, FLAGS.top_ops), flush=True)

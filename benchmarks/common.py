@@ -6,6 +6,7 @@ functions, the optimizer of the config, the sharding rules); `*_program` returns
 abstract arguments (shapes, dtypes, shardings), so the same code is compiled for this host
 (benchmarks/train.py, sample.py) or ahead of time for a TPU topology (benchmarks/aot.py).
 """
+
 import os
 import sys
 
@@ -71,15 +72,19 @@ def var_init_fn(var):
 
 def image_batch(vqvae, batch: int, mesh):
     R, bs = vqvae.image_size, sharding.batch_sharding(mesh)
-    return {'image': jax.ShapeDtypeStruct((batch, R, R, 3), jnp.float32, sharding=bs),
-            'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=bs)}
+    return {
+        'image': jax.ShapeDtypeStruct((batch, R, R, 3), jnp.float32, sharding=bs),
+        'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=bs),
+    }
 
 
 def token_batch(var, batch: int, mesh):
     """A pre-tokenised batch (config.data.pretokenize): token ids of all scales and labels."""
     bs = sharding.batch_sharding(mesh)
-    return {'tokens': jax.ShapeDtypeStruct((batch, seq_len(var)), jnp.int32, sharding=bs),
-            'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=bs)}
+    return {
+        'tokens': jax.ShapeDtypeStruct((batch, seq_len(var)), jnp.int32, sharding=bs),
+        'label': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=bs),
+    }
 
 
 def transformer_program(config, vqvae, var, mesh, batch: int):
@@ -95,8 +100,12 @@ def transformer_program(config, vqvae, var, mesh, batch: int):
     L = seq_len(var)
     weights = jax.ShapeDtypeStruct((L,), jnp.float32, sharding=rep)
     vae_params = abstract_vae_params(vqvae, mesh)
-    step = jax.jit(transformer.make_step(vqvae, var, tx, cfg.label_smoothing, cfg.grad_accum),
-                   in_shardings=(shardings, rep, bs, rep), out_shardings=(shardings, rep), donate_argnums=0)
+    step = jax.jit(
+        transformer.make_step(vqvae, var, tx, cfg.label_smoothing, cfg.grad_accum),
+        in_shardings=(shardings, rep, bs, rep),
+        out_shardings=(shardings, rep),
+        donate_argnums=0,
+    )
     data = token_batch(var, batch, mesh) if config.data.pretokenize else image_batch(vqvae, batch, mesh)
     return step, (state, vae_params, data, weights), tx
 
@@ -109,9 +118,12 @@ def tokenizer_program(config, vqvae, mesh, batch: int):
     extra = dict(code_hits=jnp.zeros((vqvae.vocab_size,), jnp.int32))
     state, shardings = abstract_state(mesh, tx, lambda k: vqvae.init(k, jnp.zeros((1, R, R, 3)))['params'], extra)
     bs = sharding.batch_sharding(mesh)
-    step = jax.jit(tokenizer.make_step(vqvae, tx, cfg.l1, cfg.l2, cfg.restart_every),
-                   in_shardings=(shardings, {'image': bs, 'label': bs}),
-                   out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    step = jax.jit(
+        tokenizer.make_step(vqvae, tx, cfg.l1, cfg.l2, cfg.restart_every),
+        in_shardings=(shardings, {'image': bs, 'label': bs}),
+        out_shardings=(shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
     batch_args = image_batch(vqvae, batch, mesh)
     return step, (state, batch_args), tx
 
@@ -123,9 +135,15 @@ def sampler_program(config, vqvae, var, device, batch: int):
     fn = sampling.compiled_loop(vqvae, var, int(s.top_k), bool(s.top_p > 0), bool(s.more_smooth), False)
     on = _on_device(device)
     scalar = on(jax.ShapeDtypeStruct((), jnp.float32))
-    args = (on(vae_shapes(vqvae)), on(jax.eval_shape(var_init_fn(var), jax.random.PRNGKey(0))),
-            on(jax.ShapeDtypeStruct((batch,), jnp.int32)), on(jax.eval_shape(lambda: jax.random.PRNGKey(0))),
-            scalar, scalar, scalar)
+    args = (
+        on(vae_shapes(vqvae)),
+        on(jax.eval_shape(var_init_fn(var), jax.random.PRNGKey(0))),
+        on(jax.ShapeDtypeStruct((batch,), jnp.int32)),
+        on(jax.eval_shape(lambda: jax.random.PRNGKey(0))),
+        scalar,
+        scalar,
+        scalar,
+    )
     return fn, args
 
 
@@ -133,8 +151,10 @@ def decode_program(vqvae, device, batch: int):
     """(the sampler's compiled decode f_hat -> images, abstract args) for one device."""
     pn = vqvae.patch_nums[-1]
     on = _on_device(device)
-    return sampling.compiled_decode(vqvae), (on(vae_shapes(vqvae)),
-                                              on(jax.ShapeDtypeStruct((batch, pn, pn, vqvae.z_channels), jnp.float32)))
+    return sampling.compiled_decode(vqvae), (
+        on(vae_shapes(vqvae)),
+        on(jax.ShapeDtypeStruct((batch, pn, pn, vqvae.z_channels), jnp.float32)),
+    )
 
 
 def vae_shapes(vqvae):

@@ -11,15 +11,17 @@ did not parallelise). --flops adds XLA's FLOP count of the compiled sampler and 
     python benchmarks/sample.py                                                   # bench config, batch 32
     python benchmarks/sample.py --config=configs/var_d16.py --config.sample.batch_size=64   # VAR-d16 (GPU)
 """
+
 import os
 import statistics
 import time
 
-import common
 import jax
 from absl import app, flags
 
 from var_jax import api, sampling
+
+import common
 
 common.define_config_flag()
 flags.DEFINE_integer('iters', 10, 'timed batches (after the first call)')
@@ -66,21 +68,29 @@ def main(_):
     gflop = None
     if FLAGS.flops:
         gflop = 0.0
-        for fn, args in (common.sampler_program(config, vqvae, var, jax.devices()[0], batch),
-                         common.decode_program(vqvae, jax.devices()[0], batch)):
+        for fn, args in (
+            common.sampler_program(config, vqvae, var, jax.devices()[0], batch),
+            common.decode_program(vqvae, jax.devices()[0], batch),
+        ):
             cost = fn.lower(*args).compile().cost_analysis()
             gflop += (cost[0] if isinstance(cost, (list, tuple)) else cost)['flops'] / 1e9
 
     R = vqvae.image_size
     print(f'device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}')
-    print(f'VAR depth {var.depth} width {var.embed_dim} heads {var.num_heads} ({n_params / 1e6:.1f}M params, '
-          f'{var.dtype}), patch_nums {tuple(var.patch_nums)}, vocab {var.vocab_size}, Cvae {var.cvae}; '
-          f'VQVAE ch {vqvae.ch} ch_mult {tuple(vqvae.ch_mult)}, {R}x{R} px')
+    print(
+        f'VAR depth {var.depth} width {var.embed_dim} heads {var.num_heads} ({n_params / 1e6:.1f}M params, '
+        f'{var.dtype}), patch_nums {tuple(var.patch_nums)}, vocab {var.vocab_size}, Cvae {var.cvae}; '
+        f'VQVAE ch {vqvae.ch} ch_mult {tuple(vqvae.ch_mult)}, {R}x{R} px'
+    )
     print(f'batch {batch}, ' + ', '.join(f'{k} {v}' for k, v in settings.items()) + f', iters {FLAGS.iters}')
     print()
-    cols = [('first call (s, incl. compile)', f'{first:.3f}'), ('steady s/batch (median)', f'{steady:.4f}'),
-            ('min s/batch', f'{min(times):.4f}'), ('images/s', f'{batch / steady:.1f}'),
-            ('CPU share', f'{100 * cpu_share:.0f}%')]
+    cols = [
+        ('first call (s, incl. compile)', f'{first:.3f}'),
+        ('steady s/batch (median)', f'{steady:.4f}'),
+        ('min s/batch', f'{min(times):.4f}'),
+        ('images/s', f'{batch / steady:.1f}'),
+        ('CPU share', f'{100 * cpu_share:.0f}%'),
+    ]
     if gflop is not None:
         # XLA counts a loop body once: with scanned blocks this is one block per scale, not depth.
         cols += [('GFLOP/batch (XLA, loops once)', f'{gflop:.1f}'), ('GFLOP/s', f'{gflop / steady:.1f}')]

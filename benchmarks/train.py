@@ -2,7 +2,8 @@
 
 The step is the trainer's own (`var_jax.trainers.transformer.make_step`) on the models and optimizer of
 `--config` (default configs/bench.py), random-init weights and random images, or random token maps with
---config.data.pretokenize=True (speed does not depend on them). Prints: compile time, steady-state step time (median of --iters steps), img/s, tokens/s, model
+--config.data.pretokenize=True (speed does not depend on them). Prints: compile time, steady-state step time
+(median of --iters steps), img/s, tokens/s, model
 FLOPs utilisation (analytic 6 * N_token_params * tokens + attention, against --peak_tflops), XLA's own
 FLOP count of the step and peak memory.
 
@@ -10,18 +11,20 @@ FLOP count of the step and peak memory.
     python benchmarks/train.py --config=configs/var_d16.py --config.transformer.batch_size=64 \\
         --peak_tflops 989                                                      # VAR-d16, bf16, one H100/H200
 """
+
 import os
 import resource
 import statistics
 import time
 
-import common
 import jax
 import numpy as np
 from absl import app, flags
 
 from var_jax import sharding
 from var_jax.trainers import loop
+
+import common
 
 common.define_config_flag()
 flags.DEFINE_integer('iters', 10, 'timed steps (after one warm-up step)')
@@ -44,11 +47,15 @@ def main(_):
     state, _ = loop.init_state(mesh, tx, config.seed, common.var_init_fn(var))
     vae_params = jax.jit(vqvae.init)(jax.random.PRNGKey(0), np.zeros((1, R, R, 3), np.float32))['params']
     rng = np.random.default_rng(0)
-    inputs = ({'tokens': rng.integers(0, var.vocab_size, (batch, common.seq_len(var))).astype(np.int32)}
-              if config.data.pretokenize else {'image': rng.uniform(-1, 1, (batch, R, R, 3)).astype(np.float32)})
+    inputs = (
+        {'tokens': rng.integers(0, var.vocab_size, (batch, common.seq_len(var))).astype(np.int32)}
+        if config.data.pretokenize
+        else {'image': rng.uniform(-1, 1, (batch, R, R, 3)).astype(np.float32)}
+    )
     data = sharding.global_batch(inputs | {'label': rng.integers(0, var.num_classes, batch).astype(np.int32)}, mesh)
-    w = jax.device_put(np.full((common.seq_len(var),), 1.0 / common.seq_len(var), np.float32),
-                       sharding.replicated(mesh))
+    w = jax.device_put(
+        np.full((common.seq_len(var),), 1.0 / common.seq_len(var), np.float32), sharding.replicated(mesh)
+    )
     state, m = compiled(state, vae_params, data, w)
     jax.block_until_ready(m)
     times = []
@@ -73,15 +80,27 @@ def main(_):
     peak = FLAGS.peak_tflops
     mfu = flops / dt / (peak * 1e12 * jax.device_count()) * 100 if peak else float('nan')
     L = common.seq_len(var)
-    rows = [('device', f'{jax.device_count()} x {dev.device_kind}'),
-            ('config', f'd{var.depth} w{var.embed_dim} h{var.num_heads} L{L} V{var.vocab_size} Cvae{var.cvae} '
-                       f'batch {batch} {var.dtype} fsdp {config.mesh.fsdp} scan {var.scan} remat {var.remat} '
-                       f'attention {var.attention}'),
-            ('compile s', f'{compile_s:.1f}'), ('step s (median)', f'{dt:.4f}'),
-            ('step s (min)', f'{min(times):.4f}'), ('CPU s/step', f'{cpu_step:.3f}'), ('img/s', f'{batch / dt:.1f}'),
-            ('tokens/s', f'{batch * L / dt:,.0f}'), ('model TFLOP/step', f'{flops / 1e12:.3f}'),
-            ('achieved TFLOP/s', f'{flops / dt / 1e12:.3f}'), ('XLA TFLOP/step', f'{xla_flops / 1e12:.3f}'),
-            ('MFU %', f'{mfu:.1f}'), ('peak memory GiB', f'{peak_mem:.2f}'), ('final loss', f'{float(m["loss"]):.4f}')]
+    rows = [
+        ('device', f'{jax.device_count()} x {dev.device_kind}'),
+        (
+            'config',
+            f'd{var.depth} w{var.embed_dim} h{var.num_heads} L{L} V{var.vocab_size} Cvae{var.cvae} '
+            f'batch {batch} {var.dtype} fsdp {config.mesh.fsdp} scan {var.scan} remat {var.remat} '
+            f'attention {var.attention}',
+        ),
+        ('compile s', f'{compile_s:.1f}'),
+        ('step s (median)', f'{dt:.4f}'),
+        ('step s (min)', f'{min(times):.4f}'),
+        ('CPU s/step', f'{cpu_step:.3f}'),
+        ('img/s', f'{batch / dt:.1f}'),
+        ('tokens/s', f'{batch * L / dt:,.0f}'),
+        ('model TFLOP/step', f'{flops / 1e12:.3f}'),
+        ('achieved TFLOP/s', f'{flops / dt / 1e12:.3f}'),
+        ('XLA TFLOP/step', f'{xla_flops / 1e12:.3f}'),
+        ('MFU %', f'{mfu:.1f}'),
+        ('peak memory GiB', f'{peak_mem:.2f}'),
+        ('final loss', f'{float(m["loss"]):.4f}'),
+    ]
     w = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f'{k:<{w}}  {v}')

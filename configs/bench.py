@@ -4,6 +4,7 @@ Sized for a laptop CPU; the models only (nothing is trained, random weights). Ov
 
     python benchmarks/train.py --config=configs/bench.py --config.var.dtype=bfloat16
 """
+
 from configs.common import base_config, official_var
 
 

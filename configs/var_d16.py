@@ -1,4 +1,5 @@
 """VAR-d16 (310M) on ImageNet 256 px with the released tokenizer: the official recipe."""
+
 from configs.common import imagenet_config
 
 

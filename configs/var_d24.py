@@ -1,4 +1,5 @@
 """VAR-d24 (1.0B) on ImageNet 256 px with the released tokenizer: the official recipe."""
+
 from configs.common import imagenet_config
 
 

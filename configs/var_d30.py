@@ -1,4 +1,5 @@
 """VAR-d30 (2.0B) on ImageNet 256 px with the released tokenizer: the official recipe (FSDP over 8)."""
+
 from configs.common import imagenet_config
 
 

@@ -1,4 +1,5 @@
 """The attention tests' reference: block-causal softmax attention in float64, and the scale sizes they use."""
+
 import numpy as np
 
 SIZES = (1, 4, 9, 16, 36, 64, 100, 144)  # L = 374: three 128-token tiles after padding, the last partial

@@ -11,6 +11,7 @@ Also the session's XLA settings (inherited by the tests' subprocesses):
 And the background lane (`background_jobs`): the slow subprocess runs of the selected modules (end-to-end
 runs, multi-device workers) start with the session and run while the tests before them run here.
 """
+
 import concurrent.futures
 import os
 import shutil
@@ -113,15 +114,15 @@ def golden():
 
 
 def golden_state_dict(golden, prefix):
-    return {k[len(prefix):]: v for k, v in golden.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in golden.items() if k.startswith(prefix)}
 
 
 @pytest.fixture(scope='session')
 def tiny(golden):
     """(vqvae, vae_params, var, var_params) converted from the golden official weights."""
     from var_jax import api
-    return api.load_official(golden_state_dict(golden, 'vae/'), golden_state_dict(golden, 'var/'),
-                             GOLDEN_PATCH_NUMS)
+
+    return api.load_official(golden_state_dict(golden, 'vae/'), golden_state_dict(golden, 'var/'), GOLDEN_PATCH_NUMS)
 
 
 def nchw(x):

@@ -6,6 +6,7 @@ The official repository is read from --official or $VAR_OFFICIAL. The recipe (se
 parameter group) is the one the fixture's `config` entry records; the config itself is copied from
 tests/data/tiny_public.npz, since its diagnostics are not recomputed here.
 """
+
 import argparse
 import os
 import sys
@@ -19,28 +20,53 @@ SEED, VAE_SEED, VAR_SEED = 0, 3, 1
 D = C = 64
 CVAE = 8
 # First match wins (substring of the parameter name); each matched parameter gets scale * randn added.
-VAR_RULES = [('ada_lin.1.weight', 1.0 / D ** 0.5), ('shared_ada_lin.1.weight', 1.0 / D ** 0.5),
-             ('ada_lin.1.bias', 0.3), ('shared_ada_lin.1.bias', 0.3), ('ada_gss', 0.3),
-             ('head.weight', 1.0 / C ** 0.5), ('head.bias', 0.1), ('class_emb.weight', 0.3),
-             ('word_embed.weight', 0.5 / CVAE ** 0.5), ('scale_mul_1H11', 0.1), ('', 0.02)]
+VAR_RULES = [
+    ('ada_lin.1.weight', 1.0 / D**0.5),
+    ('shared_ada_lin.1.weight', 1.0 / D**0.5),
+    ('ada_lin.1.bias', 0.3),
+    ('shared_ada_lin.1.bias', 0.3),
+    ('ada_gss', 0.3),
+    ('head.weight', 1.0 / C**0.5),
+    ('head.bias', 0.1),
+    ('class_emb.weight', 0.3),
+    ('word_embed.weight', 0.5 / CVAE**0.5),
+    ('scale_mul_1H11', 0.1),
+    ('', 0.02),
+]
 
 
 def build(torch):
     """The official VQVAE (with ch_mult (1, 2, 2) instead of its hard-coded one) and VAR, official init."""
     from models import vqvae
     from models.var import VAR
+
     torch.manual_seed(SEED)
     enc, dec = vqvae.Encoder, vqvae.Decoder
     vqvae.Encoder = lambda **kw: enc(**{**kw, 'ch_mult': (1, 2, 2)})
     vqvae.Decoder = lambda **kw: dec(**{**kw, 'ch_mult': (1, 2, 2)})
     try:
-        vae = vqvae.VQVAE(vocab_size=64, z_channels=CVAE, ch=32, test_mode=True, share_quant_resi=4,
-                          v_patch_nums=PATCH_NUMS)
+        vae = vqvae.VQVAE(
+            vocab_size=64, z_channels=CVAE, ch=32, test_mode=True, share_quant_resi=4, v_patch_nums=PATCH_NUMS
+        )
     finally:
         vqvae.Encoder, vqvae.Decoder = enc, dec
-    var = VAR(vae_local=vae, num_classes=10, depth=2, embed_dim=D, num_heads=2, drop_rate=0., attn_drop_rate=0.,
-              drop_path_rate=0.1 * 2 / 24, norm_eps=1e-6, shared_aln=False, cond_drop_rate=0.1, attn_l2_norm=True,
-              patch_nums=PATCH_NUMS, flash_if_available=False, fused_if_available=False)
+    var = VAR(
+        vae_local=vae,
+        num_classes=10,
+        depth=2,
+        embed_dim=D,
+        num_heads=2,
+        drop_rate=0.0,
+        attn_drop_rate=0.0,
+        drop_path_rate=0.1 * 2 / 24,
+        norm_eps=1e-6,
+        shared_aln=False,
+        cond_drop_rate=0.1,
+        attn_l2_norm=True,
+        patch_nums=PATCH_NUMS,
+        flash_if_available=False,
+        fused_if_available=False,
+    )
     var.init_weights(init_adaln=0.5, init_adaln_gamma=1e-5, init_head=0.02, init_std=-1)
     return vae, var
 
@@ -106,6 +132,7 @@ def var_io_and_train(torch, vae, var, idx, labels):
 def sample(torch, vae, var, labels, cfg):
     """Greedy sampling with the official loop; the per-scale logits (after guidance) and tokens are recorded."""
     import models.var as official_var
+
     pre = f'sample/cfg{cfg:g}/'
     out = {pre + 'label_B': torch.tensor(labels), pre + 'cfg': torch.tensor(cfg, dtype=torch.float32)}
     scales, fhats = [], []
@@ -125,8 +152,9 @@ def sample(torch, vae, var, labels, cfg):
     official_var.sample_with_top_k_top_p_, vae.quantize.get_next_autoregressive_input = recording_pick, recording_step
     try:
         with torch.no_grad():
-            img = var.autoregressive_infer_cfg(len(labels), torch.tensor(labels), g_seed=0, cfg=cfg, top_k=1,
-                                               top_p=0.0, more_smooth=False)
+            img = var.autoregressive_infer_cfg(
+                len(labels), torch.tensor(labels), g_seed=0, cfg=cfg, top_k=1, top_p=0.0, more_smooth=False
+            )
             dec = vae.decoder(vae.post_quant_conv(fhats[-1]))
     finally:
         official_var.sample_with_top_k_top_p_ = pick
@@ -144,6 +172,7 @@ def sample(torch, vae, var, labels, cfg):
 def make(official):
     sys.path.insert(0, official)
     import torch
+
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     vae, var = build(torch)
@@ -161,13 +190,18 @@ def make(official):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--official', default=os.environ.get('VAR_OFFICIAL'),
-                    help='checkout of FoundationVision/VAR at 78b9539 (default: $VAR_OFFICIAL)')
+    ap.add_argument(
+        '--official',
+        default=os.environ.get('VAR_OFFICIAL'),
+        help='checkout of FoundationVision/VAR at 78b9539 (default: $VAR_OFFICIAL)',
+    )
     ap.add_argument('--out', required=True, help='the .npz to write')
     args = ap.parse_args()
     if not args.official or not os.path.isfile(os.path.join(args.official, 'models', 'var.py')):
-        sys.exit('make_golden: no official checkout; pass --official DIR or set VAR_OFFICIAL '
-                 '(git clone FoundationVision/VAR and check out 78b9539)')
+        sys.exit(
+            'make_golden: no official checkout; pass --official DIR or set VAR_OFFICIAL '
+            '(git clone FoundationVision/VAR and check out 78b9539)'
+        )
     np.savez_compressed(args.out, **make(args.official))
 
 

@@ -1,4 +1,5 @@
 """The official learning-rate and weight-decay schedules (utils/lr_control.py), written out as references."""
+
 import math
 
 

@@ -1,6 +1,7 @@
 """Block-causal attention implementations (var_jax.models.attention) against a float64 NumPy reference,
 and the Pallas splash kernel (in interpret mode on CPU) against the XLA path inside VAR, values and
 gradients, on the golden model."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +11,7 @@ from var_jax.models import attention, platform
 from var_jax.models.var import block_causal_mask
 
 from attention_reference import SIZES, reference
+
 
 @pytest.fixture(scope='module')
 def qkv():
@@ -21,7 +23,7 @@ def qkv():
 def test_block_causal_mask_is_by_scale():
     m = attention.block_causal((1, 4, 9))
     assert m.shape == (14, 14)
-    assert m[0, 0] and not m[0, 1:].any()          # the first token sees only itself
+    assert m[0, 0] and not m[0, 1:].any()  # the first token sees only itself
     assert m[1:5, :5].all() and not m[1:5, 5:].any()  # scale 1 sees scales 0 and 1 (all of its own block)
     assert m[5:].all()
     np.testing.assert_array_equal(block_causal_mask((1, 2, 3)), m)
@@ -31,8 +33,9 @@ def test_block_causal_mask_is_by_scale():
 @pytest.mark.parametrize('impl', ['xla', 'splash'])
 def test_output_matches_reference(qkv, impl, seq_minor):
     t = (lambda x: x.swapaxes(-1, -2)) if seq_minor else (lambda x: x)
-    out = jax.jit(lambda q, k, v: attention.attend(q, k, v, sizes=SIZES, scale=0.3, implementation=impl,
-                                                   seq_minor=seq_minor))(*map(t, qkv))
+    out = jax.jit(
+        lambda q, k, v: attention.attend(q, k, v, sizes=SIZES, scale=0.3, implementation=impl, seq_minor=seq_minor)
+    )(*map(t, qkv))
     np.testing.assert_allclose(out, reference(*qkv, SIZES, 0.3), atol=2e-5, rtol=0)
 
 
@@ -42,8 +45,15 @@ def test_splash_gradients_equal_xla(qkv, seq_minor):
 
     def loss(impl):
         w = jax.random.normal(jax.random.PRNGKey(1), qkv[0].shape)
-        return jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention.attend(
-            q, k, v, sizes=SIZES, scale=0.3, implementation=impl, seq_minor=seq_minor) * w), argnums=(0, 1, 2)))
+        return jax.jit(
+            jax.grad(
+                lambda q, k, v: jnp.sum(
+                    attention.attend(q, k, v, sizes=SIZES, scale=0.3, implementation=impl, seq_minor=seq_minor) * w
+                ),
+                argnums=(0, 1, 2),
+            )
+        )
+
     g_xla, g_splash = loss('xla')(*map(t, qkv)), loss('splash')(*map(t, qkv))
     for a, b, name in zip(g_xla, g_splash, 'qkv'):
         np.testing.assert_allclose(b, a, atol=2e-5, rtol=0, err_msg=f'd{name}')
@@ -55,13 +65,15 @@ def test_cached_attention_matches_reference(impl, past, n):
     """The sampler's step: one scale's n queries see every key so far, the past and their own block's (no
     mask), i.e. the last block's rows of block-causal attention over (past, n), in both layouts."""
     assert (n >= attention.CACHED_SPLASH_MIN_QUERIES) == (n == 33)
-    q, k, v = (jax.random.normal(kk, (2, 2, past + n, 64), jnp.float32) for kk in jax.random.split(
-        jax.random.PRNGKey(2), 3))
+    q, k, v = (
+        jax.random.normal(kk, (2, 2, past + n, 64), jnp.float32) for kk in jax.random.split(jax.random.PRNGKey(2), 3)
+    )
     want = reference(q, k, v, (past, n) if past else (n,), 0.3)[:, :, past:]
     for seq_minor in (False, True):
         t = (lambda x: x.swapaxes(-1, -2)) if seq_minor else (lambda x: x)
-        out = jax.jit(lambda q, k, v: attention.attend_cached(q, k, v, scale=0.3, implementation=impl,
-                                                              seq_minor=seq_minor))(t(q[:, :, past:]), t(k), t(v))
+        out = jax.jit(
+            lambda q, k, v: attention.attend_cached(q, k, v, scale=0.3, implementation=impl, seq_minor=seq_minor)
+        )(t(q[:, :, past:]), t(k), t(v))
         np.testing.assert_allclose(out, want, atol=2e-5, rtol=0)
 
 
@@ -76,8 +88,8 @@ def test_splash_mask_skips_tiles_and_pads_safely():
     L, Lp = sum(SIZES), 384
     assert m.shape == (Lp, Lp)
     np.testing.assert_array_equal(m[:L, :L], attention.block_causal(SIZES))
-    assert not m[:, L:].any()                          # padded keys are never seen
-    assert m[L:, :L].all()                             # padded queries see every real key (finite softmax)
+    assert not m[:, L:].any()  # padded keys are never seen
+    assert m[L:, :L].all()  # padded queries see every real key (finite softmax)
     tiles = m.reshape(3, 128, 3, 128).any(axis=(1, 3))
     # Tokens 0..127 end inside scale 6 (ends at 230): they need key tiles 0 and 1, not tile 2.
     np.testing.assert_array_equal(tiles, [[True, True, False], [True, True, True], [True, True, True]])
@@ -88,7 +100,7 @@ def test_auto_picks_by_platform_and_dtype():
         assert attention.resolve('auto', jnp.float32) == 'splash'
     with platform.compile_target('gpu'):
         assert attention.resolve('auto', jnp.bfloat16) == 'cudnn'
-        assert attention.resolve('auto', jnp.float32) == 'xla'    # cuDNN flash attention has no float32
+        assert attention.resolve('auto', jnp.float32) == 'xla'  # cuDNN flash attention has no float32
     with platform.compile_target('cpu'):
         assert attention.resolve('auto', jnp.bfloat16) == 'xla'
     assert attention.resolve('splash', jnp.float32) == 'splash'
@@ -106,7 +118,9 @@ def test_var_with_splash_matches_golden_logits_and_xla_gradients(golden, tiny, m
         def loss(p):
             logits = model.apply({'params': p}, labels, x)
             return jax.nn.logsumexp(logits, -1).mean() - jnp.take_along_axis(
-                logits, targets[..., None], -1).mean(), logits
+                logits, targets[..., None], -1
+            ).mean(), logits
+
         return jax.jit(jax.value_and_grad(loss, has_aux=True))(tp)
 
     with monkeypatch.context() as m:  # read when traced

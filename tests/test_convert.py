@@ -1,4 +1,5 @@
 """The official-checkpoint converter: every official key consumed, architecture inferred, clear errors."""
+
 import json
 import os
 import re
@@ -9,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import DATA, GOLDEN_PATCH_NUMS, golden_state_dict
 from var_jax import api, convert
 from var_jax.models.var import VAR, block_causal_mask, level_ids, var_config_for_depth
+
+from conftest import DATA, GOLDEN_PATCH_NUMS, golden_state_dict
 
 
 def count(params):
@@ -44,9 +46,10 @@ def manifest_sections():
     for name, (entries, n) in sections.items():
         if name.startswith('d'):
             depth = int(name[1:])
-            block0 = [(k[len('blocks.0.'):], s, d) for k, s, d in entries if k.startswith('blocks.0.')]
+            block0 = [(k[len('blocks.0.') :], s, d) for k, s, d in entries if k.startswith('blocks.0.')]
             entries[:] = [e for e in entries if not e[0].startswith('blocks.')] + [
-                (f'blocks.{i}.{k}', s, d) for i in range(depth) for k, s, d in block0]
+                (f'blocks.{i}.{k}', s, d) for i in range(depth) for k, s, d in block0
+            ]
     return sections
 
 
@@ -57,7 +60,12 @@ def test_d16_and_released_vae_every_key_consumed():
     var_cfg, var_params = convert.convert_var(fake_state_dict(entries('var'), convert.PATCH_NUMS_256))
     assert count(vae_params) == keys['num_params']['vae'] == 108_948_355
     assert count(var_params) == keys['num_params']['var'] == 310_283_520
-    assert (vae_cfg['ch'], vae_cfg['ch_mult'], vae_cfg['vocab_size'], vae_cfg['z_channels']) == (160, (1, 1, 2, 2, 4), 4096, 32)
+    assert (vae_cfg['ch'], vae_cfg['ch_mult'], vae_cfg['vocab_size'], vae_cfg['z_channels']) == (
+        160,
+        (1, 1, 2, 2, 4),
+        4096,
+        32,
+    )
     assert vae_cfg['share_quant_resi'] == 4 and vae_cfg['using_sa'] and vae_cfg['using_mid_sa']
     assert (var_cfg['depth'], var_cfg['embed_dim'], var_cfg['num_heads']) == (16, 1024, 16)
     assert var_cfg['attn_l2_norm'] and not var_cfg['shared_aln'] and var_cfg['num_classes'] == 1000
@@ -72,8 +80,9 @@ def test_every_official_depth_converts(name):
     assert cfg['shared_aln'] == (name == 'd36') and cfg['depth'] == int(name[1:])
 
 
-@pytest.mark.parametrize('depth,n', [(16, 310_283_520), (20, 600_917_136), (24, 1_033_399_360),
-                                     (30, 2_010_020_356), (36, 2_353_893_904)])
+@pytest.mark.parametrize(
+    'depth,n', [(16, 310_283_520), (20, 600_917_136), (24, 1_033_399_360), (30, 2_010_020_356), (36, 2_353_893_904)]
+)
 def test_parameter_counts_of_the_depth_constructor(depth, n):
     kw = dict(shared_aln=True, patch_nums=convert.PATCH_NUMS_512) if depth == 36 else {}
     var = VAR(**var_config_for_depth(depth, **kw))
@@ -162,14 +171,27 @@ def test_phi_sharing_modes_are_inferred(golden, share):
 def test_pth_files_through_the_command_line(golden, tmp_path):
     torch = pytest.importorskip('torch')
     for part in ('vae', 'var'):
-        torch.save({k: torch.from_numpy(np.array(v)) for k, v in golden_state_dict(golden, f'{part}/').items()},
-                   tmp_path / f'{part}.pth')
+        torch.save(
+            {k: torch.from_numpy(np.array(v)) for k, v in golden_state_dict(golden, f'{part}/').items()},
+            tmp_path / f'{part}.pth',
+        )
     out = tmp_path / 'converted'
-    convert.main(['--vae', str(tmp_path / 'vae.pth'), '--var', str(tmp_path / 'var.pth'),
-                  '--out', str(out), '--patch_nums', '1,2,4,8'])
+    convert.main(
+        [
+            '--vae',
+            str(tmp_path / 'vae.pth'),
+            '--var',
+            str(tmp_path / 'var.pth'),
+            '--out',
+            str(out),
+            '--patch_nums',
+            '1,2,4,8',
+        ]
+    )
     vqvae, vp, var, tp = api.load_pretrained(str(out))
-    logits = api.teacher_forcing_logits(vqvae, vp, var, tp, golden['vae_io/img_B3HW'].transpose(0, 2, 3, 1),
-                                        golden['var_io/label_B'])
+    logits = api.teacher_forcing_logits(
+        vqvae, vp, var, tp, golden['vae_io/img_B3HW'].transpose(0, 2, 3, 1), golden['var_io/label_B']
+    )
     np.testing.assert_allclose(logits, golden['var_io/logits_BLV'], atol=1e-4)
 
 
@@ -188,6 +210,7 @@ def test_params_saved_per_block_load_stacked(golden, tmp_path):
     """Exports written before the VAR's blocks were stacked (blocks_0, blocks_1, ...) load in today's layout."""
     from var_jax import checkpoint
     from var_jax.models.stacking import unstack_blocks
+
     cfg, params = convert.convert_var(golden_state_dict(golden, 'var/'), GOLDEN_PATCH_NUMS)
     old = unstack_blocks(params)
     assert 'blocks_0' in old and 'blocks' not in old
@@ -202,10 +225,15 @@ def test_converter_command_line_bad_files_exit_2_with_one_line(golden, tmp_path,
     torch = pytest.importorskip('torch')
     (tmp_path / 'garbage.pth').write_bytes(b'not a zip or pickle at all')
     torch.save([1, 2, 3], tmp_path / 'list.pth')
-    torch.save({k: torch.from_numpy(np.array(v)) for k, v in golden_state_dict(golden, 'var/').items()},
-               tmp_path / 'var.pth')
-    cases = {'missing.pth': 'not found', 'garbage.pth': 'not a readable PyTorch checkpoint',
-             'list.pth': 'not a state dict', 'var.pth': 'missing'}
+    torch.save(
+        {k: torch.from_numpy(np.array(v)) for k, v in golden_state_dict(golden, 'var/').items()}, tmp_path / 'var.pth'
+    )
+    cases = {
+        'missing.pth': 'not found',
+        'garbage.pth': 'not a readable PyTorch checkpoint',
+        'list.pth': 'not a state dict',
+        'var.pth': 'missing',
+    }
     for name, message in cases.items():
         with pytest.raises(SystemExit) as e:
             convert.main(['--vae', str(tmp_path / name), '--out', str(tmp_path / 'out')])

@@ -3,6 +3,7 @@
 Everything runs offline on tiny datasets in temporary data_dirs. Image decoding and the official
 transform's geometry are in test_data_images.py.
 """
+
 import hashlib
 import importlib
 import pathlib
@@ -58,6 +59,7 @@ def all_split_digests(cfg, split):
 
 def read_split(builder, split):
     import tensorflow_datasets as tfds
+
     examples = list(tfds.as_numpy(builder.as_dataset(split=split, shuffle_files=False)))
     return (np.stack([e['image'] for e in examples]), np.array([e['label'] for e in examples]))
 
@@ -67,8 +69,10 @@ def test_synthetic_dataset_builds_offline_and_is_deterministic(tmp_path, monkeyp
         raise AssertionError('building the synthetic dataset tried to use the network')
 
     monkeypatch.setattr(socket.socket, 'connect', no_network)
-    builds = [sd.get_builder(str(tmp_path / name), seed=seed, train_size=50, test_size=20)
-              for name, seed in (('a', 7), ('b', 7), ('c', 8))]
+    builds = [
+        sd.get_builder(str(tmp_path / name), seed=seed, train_size=50, test_size=20)
+        for name, seed in (('a', 7), ('b', 7), ('c', 8))
+    ]
     assert all(b.info.splits['train'].num_examples == 50 for b in builds)
     assert builds[0].info.splits['test'].num_examples == 20
     assert builds[0].info.features['label'].num_classes == sd.NUM_CLASSES >= 10
@@ -87,6 +91,7 @@ def test_synthetic_dataset_builds_offline_and_is_deterministic(tmp_path, monkeyp
 
 def test_synthetic_classes_are_recognisable():
     """A nearest-centroid rule on translation-invariant features tells the classes apart."""
+
     def features(images):
         gray = images.astype(np.float64).mean(-1)
         gray -= gray.mean((1, 2), keepdims=True)
@@ -95,14 +100,12 @@ def test_synthetic_classes_are_recognisable():
 
     train_images, train_labels = sd.generate_split(0, 0, 2000)
     test_images, test_labels = sd.generate_split(0, 1, 500)
-    centroids = np.stack([features(train_images[train_labels == c]).mean(0)
-                          for c in range(sd.NUM_CLASSES)])
+    centroids = np.stack([features(train_images[train_labels == c]).mean(0) for c in range(sd.NUM_CLASSES)])
     distances = ((features(test_images)[:, None] - centroids[None]) ** 2).sum(-1)
     accuracy = (distances.argmin(1) == test_labels).mean()
     assert accuracy > 0.9, accuracy
     # Per-class mean images differ pairwise too (the classes are not one pattern recoloured).
-    means = np.stack([train_images[train_labels == c].astype(np.float64).mean(0)
-                      for c in range(sd.NUM_CLASSES)])
+    means = np.stack([train_images[train_labels == c].astype(np.float64).mean(0) for c in range(sd.NUM_CLASSES)])
     gaps = np.abs(means[:, None] - means[None]).mean((2, 3, 4))
     assert gaps[~np.eye(sd.NUM_CLASSES, dtype=bool)].min() > 1.0
     # Within a class, images vary (position/size/colour jitter): no memorisable duplicates.
@@ -177,9 +180,14 @@ def test_epoch_is_a_permutation_and_hosts_are_disjoint(data_dir, in_memory_max_m
 
 def test_in_memory_limit_switches_to_streaming(data_dir):
     """The two readers order examples differently, so the switch visibly takes effect."""
-    first = [next(data.make_train_iterator(synthetic_config(data_dir, in_memory_max_mb=mb), 16,
-                                         seed=0, process_index=0, process_count=1))['label']
-             for mb in (1024, 0)]
+    first = [
+        next(
+            data.make_train_iterator(
+                synthetic_config(data_dir, in_memory_max_mb=mb), 16, seed=0, process_index=0, process_count=1
+            )
+        )['label']
+        for mb in (1024, 0)
+    ]
     assert not np.array_equal(*first)
 
 
@@ -245,10 +253,19 @@ def test_bad_data_config_names_the_field(data_dir):
     with pytest.raises(ValueError, match=missing):
         data.make_train_iterator(partial, 8, **kwargs)
     with pytest.raises(ValueError, match=r'unknown data\.shufle_buffer \(check the spelling'):
-        data.make_eval_iterator(dict(synthetic_config(data_dir), shufle_buffer=4), 8, process_index=0,
-                                process_count=1)
-    bad = dict(source='imagenet', image_size=0, resize_ratio=0.5, random_flip='yes', shuffle_buffer=0,
-               in_memory_max_mb=-1, synthetic_seed=-1, synthetic_train_size=True, data_dir=3, name='')
+        data.make_eval_iterator(dict(synthetic_config(data_dir), shufle_buffer=4), 8, process_index=0, process_count=1)
+    bad = dict(
+        source='imagenet',
+        image_size=0,
+        resize_ratio=0.5,
+        random_flip='yes',
+        shuffle_buffer=0,
+        in_memory_max_mb=-1,
+        synthetic_seed=-1,
+        synthetic_train_size=True,
+        data_dir=3,
+        name='',
+    )
     for field, value in bad.items():
         with pytest.raises(ValueError, match=rf'Bad data config: data\.{field}={value!r} must be '):
             data.make_train_iterator(dict(synthetic_config(data_dir), **{field: value}), 8, **kwargs)
@@ -303,8 +320,9 @@ def test_sliced_split_and_bad_split(data_dir):
     expected = all_split_digests(cfg, 'train')[:100] + all_split_digests(cfg, 'test')[:28]
     assert seen == set(expected)
     with pytest.raises(ValueError, match="bad split 'validation'.*train_split / data.eval_split"):
-        data.make_eval_iterator(synthetic_config(data_dir, eval_split='validation'), 8,
-                                process_index=0, process_count=1)
+        data.make_eval_iterator(
+            synthetic_config(data_dir, eval_split='validation'), 8, process_index=0, process_count=1
+        )
 
 
 def test_process_layout_defaults_to_jax(data_dir):
@@ -314,6 +332,7 @@ def test_process_layout_defaults_to_jax(data_dir):
 
 def test_hiding_accelerators_from_tensorflow_is_a_call_not_an_import_side_effect(monkeypatch):
     import tensorflow as tf
+
     calls = []
     monkeypatch.setattr(tf.config, 'set_visible_devices', lambda *args, **kwargs: calls.append((args, kwargs)))
     for name in ('config', 'preprocessing', 'sources', 'iterators'):  # run their module code again

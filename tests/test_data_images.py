@@ -1,6 +1,7 @@
 """Images of the folder source: modes and formats, 16 bits, transparency, small images, and the
 official eval transform (utils/data.py) written with PIL in this file, independently of the code under test.
 """
+
 import warnings
 
 import numpy as np
@@ -48,16 +49,17 @@ def write_folder(root):
     (root / 'berry' / 'corrupt.jpg').write_bytes(b'\xff\xd8\xff this is not a jpeg')
     (root / 'berry' / 'notes.txt').write_text('not an image, ignored')
     # colour -> label of every readable image
-    return {(200, 30, 40): 0, (77, 77, 77): 0, over_white((10, 200, 30), 128): 1, (200, 10, 10): 1,
-            (0, 0, 255): 1}
+    return {(200, 30, 40): 0, (77, 77, 77): 0, over_white((10, 200, 30), 128): 1, (200, 10, 10): 1, (0, 0, 255): 1}
 
 
 def test_folder_source_converts_and_skips_corrupt(tmp_path):
     expected = write_folder(tmp_path / 'images')
     cfg = folder_config(tmp_path / 'images', image_size=16)
     assert data.num_classes(cfg) == 2
-    with pytest.warns(UserWarning, match=r'Skipped 1 of 6 .*corrupt\.jpg'), \
-            pytest.warns(UserWarning, match=r'1 of 5 images .*tiny\.PNG'):
+    with (
+        pytest.warns(UserWarning, match=r'Skipped 1 of 6 .*corrupt\.jpg'),
+        pytest.warns(UserWarning, match=r'1 of 5 images .*tiny\.PNG'),
+    ):
         images, labels = eval_images(cfg)
     assert images.shape == (5, 16, 16, 3)
     found = {}
@@ -99,8 +101,9 @@ def test_transparent_images_are_composited_on_white(tmp_path):
     rgba[:, :8, 3] = 64  # left half mostly transparent, right half opaque
     rgba[:, 8:, 3] = 255
     PIL.Image.fromarray(rgba).save(tmp_path / 'a' / 'rgba.png')
-    grey_alpha = PIL.Image.fromarray(np.stack([np.full((16, 16), 100, np.uint8), np.full((16, 16), 128, np.uint8)],
-                                              -1), 'LA')
+    grey_alpha = PIL.Image.fromarray(
+        np.stack([np.full((16, 16), 100, np.uint8), np.full((16, 16), 128, np.uint8)], -1), 'LA'
+    )
     grey_alpha.save(tmp_path / 'a' / 'la.png')
     palette = PIL.Image.fromarray(np.repeat(np.arange(16, dtype=np.uint8)[None] % 2, 16, 0), 'P')
     palette.putpalette([0, 0, 0, 10, 120, 250])

@@ -1,4 +1,5 @@
 """The optional PatchGAN discriminator of tokenizer training and the VQGAN loss / step around it."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,9 +7,9 @@ import optax
 import pytest
 
 from var_jax import losses
-from var_jax.trainers import loop, tokenizer
 from var_jax.models.discriminator import PatchDiscriminator
 from var_jax.models.vqvae import VQVAE
+from var_jax.trainers import loop, tokenizer
 
 L1, L2 = 0.2, 1.0
 
@@ -21,12 +22,18 @@ def test_patch_grid_for_32px_nhwc():
     def init_apply(x):
         params = d.init(jax.random.PRNGKey(0), x)['params']
         return params, d.apply({'params': params}, x)
+
     params, out = init_apply(x)
     # 32 -s2-> 16 -s2-> 8 -s2-> 4 -s1-> 3 -s1-> 2
     assert out.shape == (2, 2, 2, 1) and np.all(np.isfinite(out))
     k = lambda n: params[n]['kernel'].shape
     assert [k(f'conv_{i}') for i in range(4)] + [k('conv_out')] == [
-        (4, 4, 3, 8), (4, 4, 8, 16), (4, 4, 16, 32), (4, 4, 32, 64), (4, 4, 64, 1)]
+        (4, 4, 3, 8),
+        (4, 4, 8, 16),
+        (4, 4, 16, 32),
+        (4, 4, 32, 64),
+        (4, 4, 64, 1),
+    ]
     assert 'bias' not in params['conv_1'] and 'norm_1' in params and 'norm_0' not in params
     assert PatchDiscriminator().ndf == 64 and PatchDiscriminator().n_layers == 3
     with pytest.raises(ValueError, match='NHWC'):
@@ -34,8 +41,8 @@ def test_patch_grid_for_32px_nhwc():
 
 
 def test_hinge_and_generator_losses():
-    real = jnp.array([2.0, 0.5, -1.0])   # relu(1 - x) = 0, 0.5, 2   -> mean 5/6
-    fake = jnp.array([-2.0, 0.0, 1.0])   # relu(1 + x) = 0, 1, 2     -> mean 1
+    real = jnp.array([2.0, 0.5, -1.0])  # relu(1 - x) = 0, 0.5, 2   -> mean 5/6
+    fake = jnp.array([-2.0, 0.0, 1.0])  # relu(1 + x) = 0, 1, 2     -> mean 1
     np.testing.assert_allclose(losses.hinge_d_loss(real, fake), (5 / 6 + 1) / 2, rtol=1e-6)
     np.testing.assert_allclose(losses.generator_adv_loss(fake), 1 / 3, rtol=1e-6)
     np.testing.assert_allclose(losses.adaptive_weight(jnp.full((4,), 3.0), jnp.zeros(4), 0.5), 0.5 * 1e4)
@@ -44,8 +51,16 @@ def test_hinge_and_generator_losses():
 @pytest.fixture(scope='module')
 def setup():
     # The VQVAE and init of tests/test_tokenizer.py: that module loads this init from the compilation cache.
-    vqvae = VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4),
-                  using_sa=False, using_mid_sa=False)
+    vqvae = VQVAE(
+        vocab_size=64,
+        z_channels=8,
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        patch_nums=(1, 2, 4),
+        using_sa=False,
+        using_mid_sa=False,
+    )
     disc = PatchDiscriminator(ndf=8, n_layers=1)
     image = jax.random.uniform(jax.random.PRNGKey(1), (2, 8, 8, 3), minval=-1, maxval=1)
     params = jax.jit(vqvae.init)(jax.random.PRNGKey(0), image)['params']
@@ -63,8 +78,9 @@ def gan_step(setup):
     """The GAN step with disc_start 1, compiled once: from state step 0 it is the step before the
     discriminator starts, from state step 1 the first one after (both sides of the boundary)."""
     vqvae, disc, tx, dtx, _, _ = setup
-    return jax.jit(tokenizer.make_step(vqvae, tx, L1, L2, disc=disc, disc_tx=dtx, disc_weight=0.5,
-                                       disc_start=DISC_START))
+    return jax.jit(
+        tokenizer.make_step(vqvae, tx, L1, L2, disc=disc, disc_tx=dtx, disc_weight=0.5, disc_start=DISC_START)
+    )
 
 
 @pytest.fixture(scope='module')
@@ -88,6 +104,7 @@ def test_adaptive_weight_is_the_ratio_of_last_layer_gradient_norms(setup, starte
 
     def rec(p):
         return vqvae.apply({'params': p}, x)[0]
+
     nll = lambda p: L1 * jnp.mean(jnp.abs(rec(p) - x)) + L2 * jnp.mean(jnp.square(rec(p) - x))
     g = lambda p: -jnp.mean(disc.apply({'params': state['disc_params']}, rec(p)))
 
@@ -98,6 +115,7 @@ def test_adaptive_weight_is_the_ratio_of_last_layer_gradient_norms(setup, starte
         gn = jnp.linalg.norm(jax.grad(nll)(p)['decoder']['conv_out']['kernel'])
         gg = jnp.linalg.norm(jax.grad(g)(p)['decoder']['conv_out']['kernel'])
         return gn, gg, nll(p), g(p), vq(p)
+
     gn, gg, nll_v, g_v, vq_v = reference(state['params'])
     assert gn > 0 and gg > 0
     # VQGAN (taming calculate_adaptive_weight): ||d nll/d W|| / (||d g/d W|| + 1e-4), clamped to [0, 1e4],
@@ -117,7 +135,7 @@ def test_disc_weight_zero_is_the_plain_step(setup):
     plain_state = {k: v for k, v in state.items() if not k.startswith('disc_')}
     off = tokenizer.make_step(vqvae, tx, L1, L2, 0, disc=disc, disc_tx=dtx, disc_weight=0.0, disc_start=0)
     default = tokenizer.make_step(vqvae, tx, L1, L2)
-    assert (str(jax.make_jaxpr(off)(plain_state, batch)) == str(jax.make_jaxpr(default)(plain_state, batch)))
+    assert str(jax.make_jaxpr(off)(plain_state, batch)) == str(jax.make_jaxpr(default)(plain_state, batch))
 
 
 def test_after_disc_start_both_models_train(setup, started):

@@ -1,5 +1,6 @@
 """One error contract: every error class of var_jax that a user can cause derives from errors.UserError,
 which main.py and the converter's command line turn into one line and exit code 2."""
+
 import importlib
 import inspect
 import pkgutil

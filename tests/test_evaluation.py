@@ -11,6 +11,7 @@
 
     python tests/test_evaluation.py paused N MAIN_PY_FLAGS...   (the worker: main.py, paused after shard N)
 """
+
 import json
 import os
 import signal
@@ -26,7 +27,9 @@ def _paused_main(n, argv):
     """main.py, except that the eval loop sleeps after writing sample shard n (the test SIGKILLs it there)."""
     sys.path.insert(0, REPO)
     import contextlib
+
     from absl import app
+
     import main
     from var_jax import evaluation
 
@@ -39,6 +42,7 @@ def _paused_main(n, argv):
         if os.path.basename(path) == f'shard_{n - 1:06d}.npz':
             print(f'PAUSED after shard {n}', flush=True)
             time.sleep(3600)
+
     evaluation.atomic_write = hooked
     sys.argv = ['main.py'] + argv
     app.run(main.main, flags_parser=main.parse_flags)
@@ -52,9 +56,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from conftest import DATA, ENVIRON, GOLDEN_PATCH_NUMS, golden_state_dict  # noqa: E402
 from var_jax import evaluation, metrics, reference_stats, sampling  # noqa: E402
 from var_jax.models import inception  # noqa: E402
+
+from conftest import DATA, ENVIRON, GOLDEN_PATCH_NUMS, golden_state_dict  # noqa: E402
 
 
 def _random_inception(seed=0):
@@ -70,6 +75,7 @@ def _random_inception(seed=0):
         if 'running_mean' in name:
             return rng.normal(0, 0.1, x.shape).astype(np.float32)
         return (np.ones if 'scale' in name or 'running_var' in name else np.zeros)(x.shape, np.float32)
+
     return jax.tree_util.tree_map_with_path(leaf, inception.abstract_params())
 
 
@@ -77,6 +83,7 @@ def _make_files(golden, base):
     """In base: the golden tiny models as a converted checkpoint, random Inception weights (.npz) and an ADM
     reference batch of 10 random 32-px images carrying its own (made-up) statistics."""
     from var_jax import checkpoint, convert
+
     ckpt = str(base / 'tiny_ckpt')
     vae_cfg, vae_params = convert.convert_vae(golden_state_dict(golden, 'vae/'), GOLDEN_PATCH_NUMS)
     var_cfg, var_params = convert.convert_var(golden_state_dict(golden, 'var/'), GOLDEN_PATCH_NUMS)
@@ -86,8 +93,7 @@ def _make_files(golden, base):
     np.savez(weights, **inception.flatten_params(params))
     rng = np.random.default_rng(0)
     adm = str(base / 'VIRTUAL_tiny32.npz')
-    stats = {'mu': rng.normal(size=2048), 'sigma': np.eye(2048), 'mu_s': rng.normal(size=2023),
-             'sigma_s': np.eye(2023)}
+    stats = {'mu': rng.normal(size=2048), 'sigma': np.eye(2048), 'mu_s': rng.normal(size=2023), 'sigma_s': np.eye(2023)}
     np.savez(adm, arr_0=rng.integers(0, 256, (10, R, R, 3), dtype=np.uint8), **stats)
     return {'base': base, 'ckpt': ckpt, 'weights': weights, 'params': params, 'adm': adm, 'adm_stats': stats}
 
@@ -105,11 +111,19 @@ def extractor(files):
 
 def _config(files, **overrides):
     from configs import var_small
+
     c = var_small.get_config()
-    values = {'init_from': files['ckpt'], 'eval.num_images': N_IMAGES, 'eval.batch_size': BATCH,
-              'eval.inception_path': files['weights'], 'eval.reference': files['adm'], 'sample.top_k': 20,
-              'data.data_dir': str(files['base'] / 'tfds'), 'data.synthetic_train_size': 16,
-              'data.synthetic_test_size': 6} | overrides
+    values = {
+        'init_from': files['ckpt'],
+        'eval.num_images': N_IMAGES,
+        'eval.batch_size': BATCH,
+        'eval.inception_path': files['weights'],
+        'eval.reference': files['adm'],
+        'sample.top_k': 20,
+        'data.data_dir': str(files['base'] / 'tfds'),
+        'data.synthetic_train_size': 16,
+        'data.synthetic_test_size': 6,
+    } | overrides
     for key, value in values.items():
         *parents, leaf = key.split('.')
         node = c
@@ -123,10 +137,10 @@ def _direct_stats(extractor, images):
     """Features of uint8 images fed to the extractor directly, in batches of 4 (zero-padded)."""
     out = {k: [] for k in extractor.KEYS}
     for lo in range(0, len(images), BATCH):
-        chunk = images[lo:lo + BATCH]
+        chunk = images[lo : lo + BATCH]
         padded = np.concatenate([chunk, np.zeros((BATCH - len(chunk),) + chunk.shape[1:], np.uint8)])
         for k, v in extractor(padded).items():
-            out[k].append(v[:len(chunk)])
+            out[k].append(v[: len(chunk)])
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
@@ -161,6 +175,7 @@ class _Refuse:
 
 def _write_folder(root, images):
     from PIL import Image
+
     for i, img in enumerate(images):
         d = root / f'class_{i % 2}'
         d.mkdir(parents=True, exist_ok=True)
@@ -172,6 +187,7 @@ def test_dataset_reference_is_the_statistics_of_its_images(files, extractor, tmp
     """A folder of 32-px PNGs and the synthetic TFDS eval split: the cached mu/sigma/pool are those of the
     images themselves (the 32 -> 32 preprocessing is the identity), and settings are recorded."""
     from var_jax import data
+
     if source == 'folder':
         images = np.random.default_rng(1).integers(0, 256, (6, R, R, 3), dtype=np.uint8)
         _write_folder(tmp_path / 'refs', images)
@@ -194,8 +210,11 @@ def test_dataset_reference_is_the_statistics_of_its_images(files, extractor, tmp
     # Reused as it is; a different crop is a different reference.
     reference_stats.reference_statistics(config, _Refuse(extractor), R)
     config.eval.reference_resize_ratio = 1.125
-    with pytest.raises(reference_stats.ReferenceStatsError, match=r"(?s)other settings.*data.resize_ratio.*1\.0, 1\.125"
-                                                             r".*Delete"):
+    with pytest.raises(
+        reference_stats.ReferenceStatsError,
+        match=r'(?s)other settings.*data.resize_ratio.*1\.0, 1\.125'
+        r'.*Delete',
+    ):
         reference_stats.reference_statistics(config, _Refuse(extractor), R)
 
 
@@ -218,11 +237,19 @@ def test_fid_during_training(files):
     metrics.fid_of_images against the reference; with no Inception weights and no validation it is switched off."""
     from var_jax import api, sharding
     from var_jax.trainers import transformer
+
     vqvae, vae_params, var, var_params = api.load_pretrained(files['ckpt'])
     # The ADM file's own mu / sigma are the reference; the cache (written by the first test of this module, or
     # by the first setup below) spares recomputing the reference images' features, which FID does not use.
-    config = _config(files, **{'eval.train_num_images': 6, 'eval.val_batches': 0, 'sample.batch_size': 4,
-                               'eval.reference_cache': str(files['base'] / 'adm_cache.npz')})
+    config = _config(
+        files,
+        **{
+            'eval.train_num_images': 6,
+            'eval.val_batches': 0,
+            'sample.batch_size': 4,
+            'eval.reference_cache': str(files['base'] / 'adm_cache.npz'),
+        },
+    )
     mesh = sharding.make_mesh(1)
     got = transformer._validation(config, vqvae, var, vae_params, mesh)(var_params, 0)
     assert set(got) == {'fid'} and np.isfinite(got['fid'])
@@ -238,6 +265,7 @@ def test_fid_during_training(files):
 def test_bad_input_fails_before_sampling(files, tmp_path, monkeypatch):
     def no_sampling(*a, **k):
         raise AssertionError('sampled despite bad input')
+
     monkeypatch.setattr(sampling, 'sample', no_sampling)
     url = 'pytorch-fid/releases/download/fid_weights'
     with pytest.raises(inception.InceptionWeightsError, match=f'(?s)inception_path is empty.*{url}'):
@@ -249,20 +277,30 @@ def test_bad_input_fails_before_sampling(files, tmp_path, monkeypatch):
     np.savez(tmp_path / 'tokens.npz', idx_00=np.zeros((4, 1), np.int32))
     np.savez(tmp_path / 'float.npz', arr_0=np.zeros((4, R, R, 3), np.float32))
     np.savez(tmp_path / 'big.npz', arr_0=np.zeros((4, 64, 64, 3), np.uint8))
-    np.savez(tmp_path / 'bad_mu.npz', arr_0=np.zeros((4, R, R, 3), np.uint8), mu=np.zeros(64), sigma=np.eye(64),
-             mu_s=np.zeros(64), sigma_s=np.eye(64))
+    np.savez(
+        tmp_path / 'bad_mu.npz',
+        arr_0=np.zeros((4, R, R, 3), np.uint8),
+        mu=np.zeros(64),
+        sigma=np.eye(64),
+        mu_s=np.zeros(64),
+        sigma_s=np.eye(64),
+    )
     (tmp_path / 'notes.txt').write_text('x')
-    for name, pattern in (('tokens.npz', r'not an ADM reference batch: it has no arr_0.*idx_00'),
-                          ('float.npz', r'arr_0 holds float32 \(4, 32, 32, 3\), not uint8'),
-                          ('big.npz', r'holds 64 px images but the model samples 32 px.*VIRTUAL_imagenet32_labeled'),
-                          ('bad_mu.npz', r'mu has shape \(64,\), not \(2048,\)'),
-                          ('notes.txt', r'neither an ADM reference batch \(\.npz\) nor a directory')):
+    for name, pattern in (
+        ('tokens.npz', r'not an ADM reference batch: it has no arr_0.*idx_00'),
+        ('float.npz', r'arr_0 holds float32 \(4, 32, 32, 3\), not uint8'),
+        ('big.npz', r'holds 64 px images but the model samples 32 px.*VIRTUAL_imagenet32_labeled'),
+        ('bad_mu.npz', r'mu has shape \(64,\), not \(2048,\)'),
+        ('notes.txt', r'neither an ADM reference batch \(\.npz\) nor a directory'),
+    ):
         with pytest.raises(reference_stats.ReferenceStatsError, match=pattern):
             evaluation.run(_config(files, **{'eval.reference': str(tmp_path / name)}), str(tmp_path))
     # A cache written with other Inception weights is refused, not reused.
     cache = tmp_path / 'stale.npz'
     np.savez(cache, settings=np.array(json.dumps({'kind': 'adm_npz', 'inception': 'other'})), pool=np.zeros((4, 2048)))
-    with pytest.raises(reference_stats.ReferenceStatsError, match=r"(?s)other settings.*'inception': \('other'.*Delete"):
+    with pytest.raises(
+        reference_stats.ReferenceStatsError, match=r"(?s)other settings.*'inception': \('other'.*Delete"
+    ):
         evaluation.run(_config(files, **{'eval.reference_cache': str(cache)}), str(tmp_path))
     # Shards of another evaluation (other cfg) in the workdir.
     os.makedirs(tmp_path / 'eval' / 'samples')
@@ -273,18 +311,31 @@ def test_bad_input_fails_before_sampling(files, tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- end to end, killed and resumed
 def _env(cache_dir):
-    return dict(ENVIRON, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
-                XLA_FLAGS=(ENVIRON.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2').strip(),
-                PYTHONPATH=REPO + os.pathsep + ENVIRON.get('PYTHONPATH', ''),
-                JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+    return dict(
+        ENVIRON,
+        JAX_PLATFORMS='cpu',
+        TF_CPP_MIN_LOG_LEVEL='3',
+        XLA_FLAGS=(ENVIRON.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2').strip(),
+        PYTHONPATH=REPO + os.pathsep + ENVIRON.get('PYTHONPATH', ''),
+        JAX_COMPILATION_CACHE_DIR=cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+    )
 
 
 def _flags(files, workdir):
-    c = {'init_from': files['ckpt'], 'eval.num_images': N_IMAGES, 'eval.batch_size': BATCH,
-         'eval.inception_path': files['weights'], 'eval.reference': files['adm'], 'sample.top_k': 20,
-         'sample.cfg': 3.0, 'eval.reference_cache': str(files['base'] / 'e2e_ref_cache.npz')}
+    c = {
+        'init_from': files['ckpt'],
+        'eval.num_images': N_IMAGES,
+        'eval.batch_size': BATCH,
+        'eval.inception_path': files['weights'],
+        'eval.reference': files['adm'],
+        'sample.top_k': 20,
+        'sample.cfg': 3.0,
+        'eval.reference_cache': str(files['base'] / 'e2e_ref_cache.npz'),
+    }
     return ['--config=configs/var_small.py', f'--workdir={workdir}', '--mode=eval'] + [
-        f'--config.{k}={v}' for k, v in c.items()]
+        f'--config.{k}={v}' for k, v in c.items()
+    ]
 
 
 def _run(args, log, env, procs, timeout=900):
@@ -330,8 +381,13 @@ def _end_to_end(tmp_path, cache_dir, procs):
 
     log_b1 = str(tmp_path / 'B1.log')
     with open(log_b1, 'w') as f:
-        b1 = subprocess.Popen([sys.executable, __file__, 'paused', '2'] + _flags(files, work_b), cwd=REPO, env=env,
-                              stdout=f, stderr=subprocess.STDOUT)
+        b1 = subprocess.Popen(
+            [sys.executable, __file__, 'paused', '2'] + _flags(files, work_b),
+            cwd=REPO,
+            env=env,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     procs.append(b1)
     try:
         deadline = time.time() + 900
@@ -344,8 +400,10 @@ def _end_to_end(tmp_path, cache_dir, procs):
         b1.wait()
     assert b1.returncode == -signal.SIGKILL
     shard_dir = os.path.join(work_b, 'eval', 'samples')
-    assert sorted(f for f in os.listdir(shard_dir) if f.startswith('shard_')) == \
-        ['shard_000000.npz', 'shard_000001.npz']
+    assert sorted(f for f in os.listdir(shard_dir) if f.startswith('shard_')) == [
+        'shard_000000.npz',
+        'shard_000001.npz',
+    ]
     assert not os.path.exists(os.path.join(work_b, 'eval', 'results.json'))
     before = {f: os.stat(os.path.join(shard_dir, f)).st_mtime_ns for f in os.listdir(shard_dir)}
     _run(['main.py'] + _flags(files, work_b), str(tmp_path / 'B2.log'), env, procs)
@@ -362,8 +420,15 @@ def _end_to_end(tmp_path, cache_dir, procs):
         assert isinstance(a[k], float) and np.isfinite(a[k]) and a[k] == b[k], k
     assert a['num_images'] == N_IMAGES and a['image_size'] == R and a['devices'] == 2
     assert a['checkpoint'] == os.path.abspath(files['ckpt'])
-    assert a['sampling'] == {'cfg': 3.0, 'top_k': 20, 'top_p': 0.9, 'temperature': 1.0, 'more_smooth': False,
-                             'seed': 0, 'labels': ''}
+    assert a['sampling'] == {
+        'cfg': 3.0,
+        'top_k': 20,
+        'top_p': 0.9,
+        'temperature': 1.0,
+        'more_smooth': False,
+        'seed': 0,
+        'labels': '',
+    }
     assert a['reference']['stats_from'] == 'file' and a['reference']['num_images'] == 10
     assert a['inception']['path'] == os.path.abspath(files['weights'])
     npz = {}
@@ -375,5 +440,5 @@ def _end_to_end(tmp_path, cache_dir, procs):
     np.testing.assert_array_equal(labels, np.arange(N_IMAGES) % 10)
     np.testing.assert_array_equal(images, npz[work_b][0])
     with np.load(os.path.join(shard_dir, 'shard_000001.npz')) as f:
-        np.testing.assert_array_equal(f['images'], images[BATCH:2 * BATCH])
+        np.testing.assert_array_equal(f['images'], images[BATCH : 2 * BATCH])
     assert any(f.startswith('events.out.tfevents') for f in os.listdir(os.path.join(work_a, 'eval', 'tb')))

@@ -1,11 +1,13 @@
 """Gradient accumulation (transformer.grad_accum, the official --ac): k micro-batches make the full batch's update."""
+
 import jax
 import numpy as np
 import optax
 import pytest
-import train_worker
 
 from var_jax.trainers import loop, transformer
+
+import train_worker
 
 
 @pytest.fixture(scope='module')
@@ -18,16 +20,20 @@ def steps():
 
     def run(k):
         new, metrics = jax.jit(transformer.make_step(vqvae, var, tx, 0.1, grad_accum=k))(
-            state, vae_params, batch, weights)
+            state, vae_params, batch, weights
+        )
         return jax.device_get((new['params'], metrics))
+
     return run, state
 
 
 def test_micro_batches_give_the_full_batch_update(steps):
     run, state = steps
     full_params, full = run(1)
-    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(full_params),
-                                                           jax.tree.leaves(jax.device_get(state['params']))))
+    moved = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(jax.tree.leaves(full_params), jax.tree.leaves(jax.device_get(state['params'])))
+    )
     assert moved > 1e-4  # the step did change the params
     for k in (2, 4):
         params, metrics = run(k)

@@ -1,6 +1,7 @@
 """Official weights by name (var_jax.hub), offline: a Hugging Face cache laid out as huggingface_hub lays it
 out (models--FoundationVision--var/{blobs,refs/main,snapshots/<commit>}) holding tiny random-weight
 official-format .pth files, with HF_HUB_OFFLINE=1."""
+
 import hashlib
 import os
 import subprocess
@@ -10,13 +11,15 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import golden_state_dict
 from var_jax import convert, hub
 from var_jax.models.var import PATCH_NUMS_256, block_causal_mask, level_ids
 
+from conftest import golden_state_dict
+
 torch = pytest.importorskip('torch')
-huggingface_hub = pytest.importorskip("huggingface_hub")
+huggingface_hub = pytest.importorskip('huggingface_hub')
 from huggingface_hub import constants as hf_constants  # noqa: E402
+
 COMMIT = 'a' * 40
 
 
@@ -26,11 +29,16 @@ def tiny_official(golden):
     rng = np.random.default_rng(0)
     vae, var = golden_state_dict(golden, 'vae/'), golden_state_dict(golden, 'var/')
     C, L = var['pos_1LC'].shape[-1], sum(p * p for p in PATCH_NUMS_256)
-    var.update({'pos_1LC': rng.normal(0, 0.02, (1, L, C)).astype(np.float32),
-                'lvl_embed.weight': rng.normal(0, 0.02, (len(PATCH_NUMS_256), C)).astype(np.float32),
-                'lvl_1L': level_ids(PATCH_NUMS_256)[None].astype(np.int64),
-                'attn_bias_for_masking': np.where(block_causal_mask(PATCH_NUMS_256), 0.0,
-                                                  -np.inf).astype(np.float32)[None, None]})
+    var.update(
+        {
+            'pos_1LC': rng.normal(0, 0.02, (1, L, C)).astype(np.float32),
+            'lvl_embed.weight': rng.normal(0, 0.02, (len(PATCH_NUMS_256), C)).astype(np.float32),
+            'lvl_1L': level_ids(PATCH_NUMS_256)[None].astype(np.int64),
+            'attn_bias_for_masking': np.where(block_causal_mask(PATCH_NUMS_256), 0.0, -np.inf).astype(np.float32)[
+                None, None
+            ],
+        }
+    )
     return vae, var
 
 
@@ -82,6 +90,7 @@ def assert_same_params(a, b):
 
 def test_from_pretrained_reads_the_hub_cache_and_converts_once(offline, monkeypatch):
     import var_jax
+
     calls = count_conversions(monkeypatch)
     vqvae, vae_params, var, var_params = var_jax.from_pretrained('var-d16')
     # the same models as converting the two files directly
@@ -89,9 +98,9 @@ def test_from_pretrained_reads_the_hub_cache_and_converts_once(offline, monkeypa
     assert_same_params(vae_params, want_vae)
     assert_same_params(var_params, want_var)
     assert var == want_var_model and tuple(var.patch_nums) == PATCH_NUMS_256
-    assert len(calls) == 1 and all(COMMIT in p for p in calls[0])   # read from the snapshot
+    assert len(calls) == 1 and all(COMMIT in p for p in calls[0])  # read from the snapshot
     again = var_jax.from_pretrained('hf:var-d16')
-    assert len(calls) == 1                                            # the converted checkpoint reused
+    assert len(calls) == 1  # the converted checkpoint reused
     assert_same_params(again[3], var_params)
     converted = os.listdir(offline['tmp'] / 'vj' / 'converted')
     assert len(converted) == 1 and converted[0].startswith('var-d16-')
@@ -115,14 +124,17 @@ def test_a_local_directory_needs_no_hub(offline, monkeypatch, tmp_path):
     out = hub.resolve_init_from(f'hf:vae:{local}')
     vqvae, vae_params, var, _ = __import__('var_jax').load_pretrained(out)
     assert var is None and tuple(vqvae.patch_nums) == PATCH_NUMS_256
-    assert hub.resolve_init_from('checkpoints/vae') == 'checkpoints/vae'   # not a name: left alone
+    assert hub.resolve_init_from('checkpoints/vae') == 'checkpoints/vae'  # not a name: left alone
 
 
 def test_wrong_name_and_missing_file_say_the_fix(offline, tmp_path):
     with pytest.raises(ValueError, match=r"unknown pretrained name 'var-d17'; use one of vae, vae-512, var-d16"):
         hub.from_pretrained('var-d17')
-    with pytest.raises(FileNotFoundError, match=r'var_d20.pth of FoundationVision/var is not in the Hugging Face '
-                                                r'cache .* use hf:var-d20:DIR'):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r'var_d20.pth of FoundationVision/var is not in the Hugging Face '
+        r'cache .* use hf:var-d20:DIR',
+    ):
         hub.from_pretrained('var-d20')
     with pytest.raises(FileNotFoundError, match=r'var_d16.pth not found: download'):
         hub.resolve_init_from(f'hf:var-d16:{tmp_path}')
@@ -139,12 +151,25 @@ def start_background(jobs, items, tmp_path_factory, config):
 
 def _run_main(tmp):
     from conftest import ENVIRON
-    env = dict(ENVIRON, JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp / 'hf'),
-               VAR_JAX_CACHE=str(tmp / 'vj'))
-    return subprocess.run([sys.executable, 'main.py', '--config=configs/var_small.py', '--mode=sample',
-                           '--config.init_from=hf:var-d99', f'--workdir={tmp / "w"}'],
-                          capture_output=True, text=True, env=env, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    env = dict(
+        ENVIRON, JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp / 'hf'), VAR_JAX_CACHE=str(tmp / 'vj')
+    )
+    return subprocess.run(
+        [
+            sys.executable,
+            'main.py',
+            '--config=configs/var_small.py',
+            '--mode=sample',
+            '--config.init_from=hf:var-d99',
+            f'--workdir={tmp / "w"}',
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
 
 
 def test_init_from_name_on_the_command_line():

@@ -1,4 +1,5 @@
 """Sample grids: tiles enlarged for viewing (nearest neighbour), empty cells marked, PNG written."""
+
 import numpy as np
 import pytest
 
@@ -7,9 +8,14 @@ from var_jax import images
 
 def _cells(grid, n_rows, n_cols, tile, pad=2):
     """The (row, col) tiles of a grid, cut at the documented layout."""
-    return {(r, c): grid[pad + r * (tile + pad):pad + r * (tile + pad) + tile,
-                         pad + c * (tile + pad):pad + c * (tile + pad) + tile]
-            for r in range(n_rows) for c in range(n_cols)}
+    return {
+        (r, c): grid[
+            pad + r * (tile + pad) : pad + r * (tile + pad) + tile,
+            pad + c * (tile + pad) : pad + c * (tile + pad) + tile,
+        ]
+        for r in range(n_rows)
+        for c in range(n_cols)
+    }
 
 
 def test_small_tiles_are_enlarged_by_an_integer_nearest_neighbour_factor():
@@ -41,6 +47,7 @@ def test_padding_cells_are_marked_and_differ_from_background_and_flat_grey():
 
 def test_save_png_writes_the_grid(tmp_path):
     from PIL import Image
+
     imgs = np.random.default_rng(1).random((5, 32, 32, 3)).astype(np.float32)
     path = images.save_png(str(tmp_path / 'sub' / 'grid.png'), imgs, ncols=4)
     np.testing.assert_array_equal(np.asarray(Image.open(path)), images.image_grid(imgs, ncols=4))

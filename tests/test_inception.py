@@ -2,6 +2,7 @@
 
 The parity test needs torch, torchvision and pytorch-fid (CI installs them); the rest runs without torch.
 """
+
 import os
 
 import jax
@@ -34,7 +35,7 @@ def _random_fid_state_dict(seed=0):
         elif k.endswith('running_var'):
             sd[k] = 0.5 + 1.5 * torch.rand(v.shape, generator=g)
         elif k == 'fc.weight':
-            sd[k] = torch.randn(v.shape, generator=g) / 2048 ** 0.5
+            sd[k] = torch.randn(v.shape, generator=g) / 2048**0.5
         else:  # bn.bias, running_mean, fc.bias
             sd[k] = 0.2 * torch.randn(v.shape, generator=g)
     return sd
@@ -71,6 +72,7 @@ def test_matches_pytorch_fid(torch_and_flax, flax_forward, side):
     """pool, logits (with and without bias) and the sFID spatial features agree within 1e-4 relative,
     the input resize to 299 included (256 and 32 px)."""
     import torch
+
     model, (fc_w, fc_b), params = torch_and_flax
     x = np.random.default_rng(side).uniform(0, 1, (2, side, side, 3)).astype(np.float32)
     captured = {}
@@ -97,10 +99,17 @@ def test_output_shapes_and_params():
     InceptionV3 without its auxiliary head, with 1008 classes."""
     params = inception.abstract_params()
     assert sum(x.size for x in jax.tree.leaves(params)) == 23_885_392
-    out = jax.eval_shape(lambda p, x: inception.InceptionV3().apply({'params': p}, x),
-                         params, jax.ShapeDtypeStruct((3, 48, 40, 3), jnp.float32))
+    out = jax.eval_shape(
+        lambda p, x: inception.InceptionV3().apply({'params': p}, x),
+        params,
+        jax.ShapeDtypeStruct((3, 48, 40, 3), jnp.float32),
+    )
     assert {k: v.shape for k, v in out.items()} == {
-        'pool': (3, 2048), 'logits': (3, 1008), 'logits_unbiased': (3, 1008), 'spatial': (3, 17 * 17 * 7)}
+        'pool': (3, 2048),
+        'logits': (3, 1008),
+        'logits_unbiased': (3, 1008),
+        'spatial': (3, 17 * 17 * 7),
+    }
 
 
 def test_weights_errors_say_where_to_get_them(tmp_path):
@@ -127,8 +136,9 @@ def test_weights_errors_say_where_to_get_them(tmp_path):
 def _torch_layout_zeros():
     """Every key of the FID Inception state dict, in torch names and layouts (OIHW, (out, in)), as zeros."""
     sd = {}
-    for k, v in inception.flatten_params(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
-                                                      inception.abstract_params())).items():
+    for k, v in inception.flatten_params(
+        jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), inception.abstract_params())
+    ).items():
         k = k.replace('/', '.').replace('.kernel', '.weight').replace('.scale', '.weight')
         sd[k] = v.transpose(3, 2, 0, 1) if v.ndim == 4 else v.T
     return sd
@@ -140,8 +150,10 @@ def test_converter_rejects_other_state_dicts(tmp_path, capsys):
     assert len(jax.tree.leaves(convert.convert_inception(sd))) == len(sd)
     sd['fc.weight'], sd['fc.bias'] = np.zeros((1000, 2048), np.float32), np.zeros((1000,), np.float32)
     sd['AuxLogits.fc.weight'] = np.zeros((1000, 768), np.float32)
-    with pytest.raises(convert.CheckpointMismatchError, match='(?s)unexpected: AuxLogits.*mis-shaped: .*fc.weight.*'
-                                                              'pytorch-fid/releases'):
+    with pytest.raises(
+        convert.CheckpointMismatchError,
+        match='(?s)unexpected: AuxLogits.*mis-shaped: .*fc.weight.*pytorch-fid/releases',
+    ):
         convert.convert_inception(sd)
     with pytest.raises(SystemExit) as e:
         convert.main(['--inception', str(tmp_path / inception.PTH_FILE), '--out', str(tmp_path / 'x.npz')])

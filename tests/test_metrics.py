@@ -3,6 +3,7 @@
 FID against pytorch-fid's `calculate_frechet_distance`, IS against torch-fidelity's; both skip without them
 (CI installs them). Precision/recall against a plain numpy transcription of the paper's definition below.
 """
+
 import numpy as np
 import pytest
 
@@ -41,7 +42,7 @@ def test_frechet_distance_equals_pytorch_fid(shift, scale):
     for x in (a, b):
         s = metrics.FeatureStats(d)
         for lo in range(0, len(x), 256):
-            s.update(x[lo:lo + 256])
+            s.update(x[lo : lo + 256])
         stats.append(s.mean_cov())
     ours = metrics.frechet_distance(*stats[0], *stats[1])
     want = pfid.calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
@@ -55,8 +56,7 @@ def test_frechet_distance_of_rank_deficient_statistics():
     pfid = pytest.importorskip('pytorch_fid.fid_score')
     a, b = _features(100, 160, 3), _features(90, 160, 4, 0.1)
     sa, sb = (a.mean(0), np.cov(a, rowvar=False)), (b.mean(0), np.cov(b, rowvar=False))
-    np.testing.assert_allclose(metrics.frechet_distance(*sa, *sb), pfid.calculate_frechet_distance(*sa, *sb),
-                               rtol=1e-6)
+    np.testing.assert_allclose(metrics.frechet_distance(*sa, *sb), pfid.calculate_frechet_distance(*sa, *sb), rtol=1e-6)
     assert metrics.frechet_distance(*sa, *sa) == pytest.approx(0, abs=1e-6)
 
 
@@ -113,7 +113,8 @@ def test_precision_recall_equal_the_paper_definition():
     got = metrics.precision_recall(real, fake, k=3, block=64)
     assert got == pytest.approx(want, abs=1e-12)
     assert metrics.precision_recall(real, fake, k=1, block=1000) == pytest.approx(
-        _reference_precision_recall(real, fake, 1), abs=1e-12)
+        _reference_precision_recall(real, fake, 1), abs=1e-12
+    )
 
 
 def test_manifold_needs_more_than_k_points():

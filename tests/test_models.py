@@ -1,4 +1,5 @@
 """Model behaviour beyond the golden fixture: quantizer training forward, init, NNX, bad input."""
+
 import math
 
 import jax
@@ -23,6 +24,7 @@ def per_block(p):
     if 'blocks' not in p:
         return p
     from var_jax.models.stacking import unstack_blocks
+
     return unstack_blocks(p)
 
 
@@ -35,9 +37,9 @@ def test_phi_table_of_the_released_tokenizer():
 def test_block_causal_mask_sees_own_and_coarser_scales():
     m = block_causal_mask((1, 2, 3))
     assert m.shape == (14, 14)
-    assert m[0].tolist() == [True] + [False] * 13          # the 1x1 token sees only itself
-    assert m[1:5, :5].all() and not m[1:5, 5:].any()       # 2x2 block: itself and the start token
-    assert m[5:].all()                                     # the last scale sees everything
+    assert m[0].tolist() == [True] + [False] * 13  # the 1x1 token sees only itself
+    assert m[1:5, :5].all() and not m[1:5, 5:].any()  # 2x2 block: itself and the start token
+    assert m[5:].all()  # the last scale sees everything
 
 
 @pytest.fixture(scope='module')
@@ -59,10 +61,15 @@ def _official_quantizer_forward(torch, f_nhwc, params, patch_nums, beta, quant_r
     """
     F = torch.nn.functional
     emb = torch.tensor(np.asarray(params['embedding']), requires_grad=True)
-    phis = [(torch.tensor(np.asarray(params[f'phis_{i}']['conv']['kernel']).transpose(3, 2, 0, 1).copy(),
-                          requires_grad=True),
-             torch.tensor(np.asarray(params[f'phis_{i}']['conv']['bias']), requires_grad=True))
-            for i in range(num_phis)]
+    phis = [
+        (
+            torch.tensor(
+                np.asarray(params[f'phis_{i}']['conv']['kernel']).transpose(3, 2, 0, 1).copy(), requires_grad=True
+            ),
+            torch.tensor(np.asarray(params[f'phis_{i}']['conv']['bias']), requires_grad=True),
+        )
+        for i in range(num_phis)
+    ]
     ticks = np.linspace(1 / 3 / num_phis, 1 - 1 / 3 / num_phis, num_phis)  # the official K == 4 ticks
     f = torch.tensor(np.asarray(f_nhwc).transpose(0, 3, 1, 2).copy(), requires_grad=True)
     B, C, H, W = f.shape
@@ -72,8 +79,7 @@ def _official_quantizer_forward(torch, f_nhwc, params, patch_nums, beta, quant_r
     for si, pn in enumerate(patch_nums):
         rest = F.interpolate(f_rest, size=(pn, pn), mode='area') if si != SN - 1 else f_rest
         rest_NC = rest.permute(0, 2, 3, 1).reshape(-1, C)
-        d = (rest_NC.square().sum(1, keepdim=True) + emb.data.square().sum(1)
-             - 2 * rest_NC @ emb.data.T)
+        d = rest_NC.square().sum(1, keepdim=True) + emb.data.square().sum(1) - 2 * rest_NC @ emb.data.T
         idx = torch.argmin(d, dim=1)
         h = emb[idx.view(B, pn, pn)].permute(0, 3, 1, 2)
         if si != SN - 1:
@@ -99,6 +105,7 @@ def test_quantizer_training_forward(quantizer_run):
     def objective(p, f):
         st, l, hits = q.apply({'params': p}, f)
         return l + jnp.sum(st * w), (st, l, hits)
+
     (_, (f_st, loss, hits)), (g_p, g_f) = jax.jit(jax.value_and_grad(objective, (0, 1), has_aux=True))(params, f)
     ref_st, ref_loss, ref_idx, (emb, phis, f_t) = _official_quantizer_forward(torch, f, params, pns, 0.25)
     np.testing.assert_allclose(np.asarray(f_st), ref_st.detach().numpy().transpose(0, 2, 3, 1), atol=1e-5)
@@ -125,6 +132,7 @@ def test_straight_through_and_codebook_gradients(quantizer_run):
         g_f = jax.grad(lambda f: jnp.sum(q.apply({'params': p}, f)[0] * w))(f)
         g_p = jax.grad(lambda p: q.apply({'params': p}, f)[1])(p)
         return g_f, g_p, q.apply({'params': p}, f)[2]
+
     g_f, g_p, hits = grads(params, f)
     np.testing.assert_allclose(g_f, w, atol=1e-6)
     used = np.asarray(hits.sum(0) > 0)
@@ -153,8 +161,9 @@ def test_train_mode_drops_labels_and_paths_eval_does_not():
     # Move the AdaLN gammas off ~0 so that blocks and labels matter.
     p = jax.tree.map(lambda x: x + 0.05, p)
     labels, x = jnp.arange(4) % 5, jax.random.normal(jax.random.PRNGKey(1), (4, 29, 8))
-    apply = jax.jit(lambda key, train: var.apply({'params': p}, labels, x, train=train, rngs={'dropout': key}),
-                    static_argnums=1)
+    apply = jax.jit(
+        lambda key, train: var.apply({'params': p}, labels, x, train=train, rngs={'dropout': key}), static_argnums=1
+    )
     ev = [apply(jax.random.PRNGKey(i), False) for i in range(2)]
     np.testing.assert_array_equal(ev[0], ev[1])
     tr = [apply(jax.random.PRNGKey(i), True) for i in range(2)]
@@ -175,6 +184,7 @@ def test_shared_adaln_variant_runs_and_conditions():
 def test_flax_modules_run_inside_nnx():
     from flax import nnx
     from flax.nnx import bridge
+
     vqvae, var = api.build_models(SMALL_VAE, SMALL_VAR)
     model = bridge.ToNNX(var, rngs=nnx.Rngs(0))
     labels, x = jnp.array([1, 2]), jax.random.normal(jax.random.PRNGKey(3), (2, 29, 8))

@@ -1,6 +1,7 @@
 """Several JAX processes as one run, executed: `python -m var_jax.launch` starts 2 processes of main.py with 2 CPU
 devices each (real cross-process collectives, gloo), against 1 process with 4 devices and the same global batch.
 Both runs go on the session's background lane (tests/conftest.py); they share one compilation cache."""
+
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+
 from train_runs import REPO, TIMEOUT_S, log_tail, main_flags, run_env
 
 pytestmark = pytest.mark.multiprocess
@@ -29,16 +31,33 @@ def start_background(jobs, items, tmp_path_factory, config):
 def _run(args, log, env, timeout=TIMEOUT_S):
     with open(log, 'w') as f:
         rc = subprocess.run(args, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
-    return rc, log_tail(log, 10 ** 7)
+    return rc, log_tail(log, 10**7)
 
 
 def _equality_runs(base):
     cache = os.path.join(base, 'cache')
     data, one, two = (os.path.join(base, d) for d in ('data', 'one', 'two'))
-    single = _run([sys.executable, 'main.py', *main_flags(one, data, **RUN)], os.path.join(base, 'one.log'),
-                  run_env(cache, devices=4))
-    launched = _run([sys.executable, '-m', 'var_jax.launch', '--num_processes', '2', '--devices_per_process', '2',
-                     '--', 'main.py', *main_flags(two, data, **RUN)], os.path.join(base, 'two.log'), run_env(cache))
+    single = _run(
+        [sys.executable, 'main.py', *main_flags(one, data, **RUN)],
+        os.path.join(base, 'one.log'),
+        run_env(cache, devices=4),
+    )
+    launched = _run(
+        [
+            sys.executable,
+            '-m',
+            'var_jax.launch',
+            '--num_processes',
+            '2',
+            '--devices_per_process',
+            '2',
+            '--',
+            'main.py',
+            *main_flags(two, data, **RUN),
+        ],
+        os.path.join(base, 'two.log'),
+        run_env(cache),
+    )
     return dict(one=one, two=two, single=single, launched=launched)
 
 
@@ -50,6 +69,7 @@ def _flat(export):
     import jax
 
     from var_jax import checkpoint
+
     params = checkpoint.load_pretrained(export)[1]
     return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(params)}
 
@@ -88,22 +108,34 @@ def _kill_run(base):
     """2 processes started directly (their pids known); process 1 SIGKILLed once training runs: how long process 0
     takes to exit, its code and output."""
     from var_jax import launch
+
     port = launch.free_port()
     work, data = os.path.join(base, 'kill'), os.path.join(base, 'kill_data')
-    flags = main_flags(work, data, **dict(RUN, **{'tokenizer.total_steps': 10_000, 'stages': 'tokenizer',
-                                                   'cluster.heartbeat_timeout_s': 5}))
+    flags = main_flags(
+        work,
+        data,
+        **dict(RUN, **{'tokenizer.total_steps': 10_000, 'stages': 'tokenizer', 'cluster.heartbeat_timeout_s': 5}),
+    )
     logs = [os.path.join(base, f'kill_{i}.log') for i in range(2)]
-    procs = [subprocess.Popen(launch.process_args(['main.py', *flags], i, 2, port), cwd=REPO, env=run_env(os.path.join(base, 'cache'), 2),
-                              stdout=open(log, 'w'), stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
+    procs = [
+        subprocess.Popen(
+            launch.process_args(['main.py', *flags], i, 2, port),
+            cwd=REPO,
+            env=run_env(os.path.join(base, 'cache'), 2),
+            stdout=open(log, 'w'),
+            stderr=subprocess.STDOUT,
+        )
+        for i, log in enumerate(logs)
+    ]
     try:
         deadline = time.time() + TIMEOUT_S
-        while 'compiled and ran the first step' not in log_tail(logs[0], 10 ** 7):
+        while 'compiled and ran the first step' not in log_tail(logs[0], 10**7):
             assert time.time() < deadline and procs[0].poll() is None, log_tail(logs[0])
             time.sleep(0.5)
         procs[1].send_signal(signal.SIGKILL)
         t0 = time.time()
         rc = procs[0].wait(120)
-        return dict(rc=rc, seconds=time.time() - t0, log=log_tail(logs[0], 10 ** 7))
+        return dict(rc=rc, seconds=time.time() - t0, log=log_tail(logs[0], 10**7))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -117,5 +149,7 @@ def test_a_killed_process_stops_the_others_in_bounded_time(background_jobs):
     r = background_jobs.result('multihost_kill')
     assert r['rc'] != 0 and r['seconds'] < 60, (r['rc'], r['seconds'], r['log'][-3000:])
     # JAX's heartbeat check names the lost task; a collective that waited on it times out instead (30 s).
-    assert re.search(r'tasks are unhealthy \(stopped sending heartbeats\)|DEADLINE_EXCEEDED', r['log']), r['log'][-3000:]
+    assert re.search(r'tasks are unhealthy \(stopped sending heartbeats\)|DEADLINE_EXCEEDED', r['log']), r['log'][
+        -3000:
+    ]
     print(f'process 0 exited with {r["rc"]} {r["seconds"]:.1f} s after process 1 was killed')

@@ -8,6 +8,7 @@ patterns from the repository root and on PNG files (VAR_JAX_IMAGES) from noteboo
 relative paths and no PYTHONPATH, as in Jupyter. Nothing is written back: the saved
 notebooks stay without outputs. Runtime is mostly jit compilation (about 30 s on 2 CPU cores).
 """
+
 import base64
 import io
 import os
@@ -29,6 +30,7 @@ NOTEBOOKS = os.path.join(ROOT, 'notebooks')
 def tiny_ckpt(golden, tmp_path_factory):
     """A checkpoint directory like `python -m var_jax.convert --out DIR` writes, of the golden tiny models."""
     from var_jax import checkpoint, convert
+
     out = str(tmp_path_factory.mktemp('notebooks') / 'tiny_ckpt')
     vae_cfg, vae_params = convert.convert_vae(golden_state_dict(golden, 'vae/'), GOLDEN_PATCH_NUMS)
     var_cfg, var_params = convert.convert_var(golden_state_dict(golden, 'var/'), GOLDEN_PATCH_NUMS)
@@ -40,6 +42,7 @@ def tiny_ckpt(golden, tmp_path_factory):
 def image_dir(golden, tmp_path_factory):
     """The golden images as PNGs, one enlarged to a non-square size (the notebooks crop and resize)."""
     from PIL import Image
+
     out = tmp_path_factory.mktemp('images')
     imgs = (np.clip(golden['vae_io/img_B3HW'].transpose(0, 2, 3, 1) * 0.5 + 0.5, 0, 1) * 255).astype(np.uint8)
     Image.fromarray(imgs[0]).save(out / 'a.png')
@@ -59,7 +62,9 @@ def _run(name, env, monkeypatch, cwd=ROOT):
         monkeypatch.setenv('PYTHONPATH', os.pathsep.join([ROOT] + [p for p in [os.environ.get('PYTHONPATH')] if p]))
     monkeypatch.setenv('JUPYTER_PLATFORM_DIRS', '1')  # silences jupyter_core's path migration warning
     # Faster XLA compilation (the kernels' runtime is almost all compilation of tiny programs).
-    monkeypatch.setenv('XLA_FLAGS', ' '.join([os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=0']).strip())
+    monkeypatch.setenv(
+        'XLA_FLAGS', ' '.join([os.environ.get('XLA_FLAGS', ''), '--xla_backend_optimization_level=0']).strip()
+    )
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     with open(os.path.join(NOTEBOOKS, f'{name}.ipynb')) as f:
@@ -81,7 +86,7 @@ def _outputs(nb):
 def _assert_ok(nb, min_images):
     outputs = _outputs(nb)
     errors = [o for o in outputs if o.output_type == 'error']
-    assert not errors, '\n'.join(f"{o.ename}: {o.evalue}" for o in errors)
+    assert not errors, '\n'.join(f'{o.ename}: {o.evalue}' for o in errors)
     images = [o for o in outputs if 'image/png' in o.get('data', {})]
     assert len(images) >= min_images, f'{len(images)} images displayed, expected >= {min_images}'
     text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
@@ -116,6 +121,7 @@ def test_tokenizer_notebook_from_notebooks_dir_with_png_files(tiny_ckpt, image_d
     nb = _run('tokenizer', env, monkeypatch, cwd=NOTEBOOKS)
     _assert_ok(nb, min_images=2)
     from PIL import Image
+
     first = next(o for o in _outputs(nb) if 'image/png' in o.get('data', {}))
     width = Image.open(io.BytesIO(base64.b64decode(first['data']['image/png']))).width
     assert width == 2 * (4 * 32 + 2) + 2, 'expected the 2 PNG files (notes.txt skipped) in one row, tiles 4x enlarged'

@@ -1,4 +1,5 @@
 """var_jax.optim against the official recipe: lr and wd schedules, weight-decay groups, AdamW, clipping."""
+
 import math
 
 import jax
@@ -7,21 +8,23 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-import train_worker
 from flax import traverse_util
-from official_schedules import official_lr, official_wd
-from train_runs import small_config
 
 from var_jax import optim
 from var_jax.trainers import transformer
+
+import train_worker
+from official_schedules import official_lr, official_wd
+from train_runs import small_config
 
 
 # =============================================================================================
 # Schedules, weight-decay groups, AdamW
 # =============================================================================================
 @pytest.mark.parametrize('sche', ['lin0', 'lin', 'lin00', 'lin0.6', 'cos', 'exp'])
-@pytest.mark.parametrize('total,warmup,wp0,wpe', [(1000, 50, 0.005, 0.1), (100, 0, 0.005, 0.01),
-                                                  (37, 5, 0.1, 0.05), (20, 17, 0.005, 0.5)])
+@pytest.mark.parametrize(
+    'total,warmup,wp0,wpe', [(1000, 50, 0.005, 0.1), (100, 0, 0.005, 0.01), (37, 5, 0.1, 0.05), (20, 17, 0.005, 0.5)]
+)
 def test_lr_schedules_match_official(sche, total, warmup, wp0, wpe):
     sched = jax.jit(optim.lr_schedule(3e-4, total, warmup, wp0, wpe, sche))
     steps = np.arange(total)
@@ -51,8 +54,9 @@ def test_cosine_wd_matches_official(wd, wd_end, total):
 
 
 def _optim(**kw):
-    base = dict(tblr=1e-4, warmup_steps=5, wp0=0.005, wpe=0.1, wd=0.05, wd_end=0.08, clip=2.0, beta1=0.9, beta2=0.95,
-                sche='')
+    base = dict(
+        tblr=1e-4, warmup_steps=5, wp0=0.005, wpe=0.1, wd=0.05, wd_end=0.08, clip=2.0, beta1=0.9, beta2=0.95, sche=''
+    )
     return ml_collections.ConfigDict(dict(base, **kw))
 
 
@@ -65,8 +69,9 @@ def _hyperparams_per_step(tx, n):
     for _ in range(n):
         _, state = update(jax.tree.map(jnp.zeros_like, params), state, params)
         # inject_hyperparams keeps the values of the update it just applied.
-        (inject,) = [s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, 'hyperparams'))
-                     if hasattr(s, 'hyperparams')]
+        (inject,) = [
+            s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, 'hyperparams')) if hasattr(s, 'hyperparams')
+        ]
         out.append([float(inject.hyperparams['learning_rate']), float(inject.hyperparams['weight_decay'])])
     return np.array(out)
 
@@ -82,24 +87,50 @@ def test_make_optimizer_wires_the_official_schedules():
 
 def _expected_decay(path):
     """The official no-decay rule spelled out for our names: decayed are exactly the weight matrices."""
-    decayed = ('class_emb/embedding', 'word_embed/kernel', 'attn/mat_qkv/kernel', 'attn/proj/kernel',
-               'ffn/fc1/kernel', 'ffn/fc2/kernel', 'ada_lin/kernel', 'shared_ada_lin/kernel', 'head/kernel')
+    decayed = (
+        'class_emb/embedding',
+        'word_embed/kernel',
+        'attn/mat_qkv/kernel',
+        'attn/proj/kernel',
+        'ffn/fc1/kernel',
+        'ffn/fc2/kernel',
+        'ada_lin/kernel',
+        'shared_ada_lin/kernel',
+        'head/kernel',
+    )
     return any(path == d or path.endswith('/' + d) for d in decayed)
 
 
 @pytest.mark.parametrize('shared_aln', [False, True])
 def test_decay_mask_is_the_official_groups(shared_aln):
     from var_jax import api
+
     _, var = api.build_models(train_worker.VAE, dict(train_worker.VAR, shared_aln=shared_aln))
-    params = jax.eval_shape(var.init, jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 20, 8)))['params']
+    params = jax.eval_shape(var.init, jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32), jnp.zeros((1, 20, 8)))[
+        'params'
+    ]
     mask = {'/'.join(k): v for k, v in traverse_util.flatten_dict(optim.decay_mask(params)).items()}
     names = set(mask)
     # The blocks' params are stacked (a leading depth axis): their biases are 2-D and still not decayed.
-    must_have = ['pos_start', 'pos_1LC', 'lvl_embed/embedding', 'blocks/attn/q_bias', 'blocks/attn/v_bias',
-                 'blocks/attn/scale_mul', 'blocks/ffn/fc2/bias', 'word_embed/bias', 'head/bias',
-                 'head_nm/ada_lin/kernel', 'head_nm/ada_lin/bias', 'class_emb/embedding']
-    must_have += (['blocks/ada_gss', 'shared_ada_lin/kernel', 'shared_ada_lin/bias'] if shared_aln
-                  else ['blocks/ada_lin/kernel', 'blocks/ada_lin/bias'])
+    must_have = [
+        'pos_start',
+        'pos_1LC',
+        'lvl_embed/embedding',
+        'blocks/attn/q_bias',
+        'blocks/attn/v_bias',
+        'blocks/attn/scale_mul',
+        'blocks/ffn/fc2/bias',
+        'word_embed/bias',
+        'head/bias',
+        'head_nm/ada_lin/kernel',
+        'head_nm/ada_lin/bias',
+        'class_emb/embedding',
+    ]
+    must_have += (
+        ['blocks/ada_gss', 'shared_ada_lin/kernel', 'shared_ada_lin/bias']
+        if shared_aln
+        else ['blocks/ada_lin/kernel', 'blocks/ada_lin/bias']
+    )
     assert set(must_have) <= names
     wrong = {n: mask[n] for n in names if mask[n] != _expected_decay(n)}
     assert not wrong, f'decay mask differs from the official groups: {wrong}'
@@ -109,8 +140,10 @@ def test_adamw_weight_decay_is_decoupled_and_masked():
     """Zero gradient: decayed params shrink by exactly lr * wd (p <- p - lr wd p), others stay."""
     cfg = _optim(tblr=0.1, warmup_steps=0, wd=0.05, wd_end=0.05)
     tx = optim.make_optimizer(cfg, 10, 256)  # lr at step 0 = 0.1
-    params = {'blocks_0': {'ffn': {'fc1': {'kernel': jnp.full((3, 4), 2.0), 'bias': jnp.full((4,), 2.0)}}},
-              'pos_1LC': jnp.full((5, 4), 2.0)}
+    params = {
+        'blocks_0': {'ffn': {'fc1': {'kernel': jnp.full((3, 4), 2.0), 'bias': jnp.full((4,), 2.0)}}},
+        'pos_1LC': jnp.full((5, 4), 2.0),
+    }
     step = jax.jit(lambda p: optax.apply_updates(p, tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)[0]))
     new = jax.device_get(step(params))
     np.testing.assert_allclose(new['blocks_0']['ffn']['fc1']['kernel'], 2.0 * (1 - 0.1 * 0.05), rtol=1e-6)
@@ -131,8 +164,10 @@ def test_gradient_clipping_at_global_norm():
 
 
 def test_progressive_training_uses_the_lin_pg_schedule(monkeypatch, tmp_path):
-    config = small_config(str(tmp_path / 'data'), **{'transformer.pg': 0.5, 'transformer.total_steps': 40,
-                                                      'transformer.optim.warmup_steps': 4})
+    config = small_config(
+        str(tmp_path / 'data'),
+        **{'transformer.pg': 0.5, 'transformer.total_steps': 40, 'transformer.optim.warmup_steps': 4},
+    )
     captured = []
 
     class Stop(Exception):
@@ -165,8 +200,12 @@ def test_init_settings_of_the_config_reach_the_model():
         L = sum(p * p for p in var.patch_nums)
         params = var.init(jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32), jnp.zeros((1, L - 1, var.cvae)))['params']
         ada = np.asarray(params['blocks']['ada_lin']['kernel'])[0]  # (C, 6C): gamma1, gamma2, scales, shifts
-        return dict(fc1=np.asarray(params['blocks']['ffn']['fc1']['kernel']).std(),
-                    head=np.asarray(params['head']['kernel']).std(), ada=ada[:, 2 * 64:].std())
+        return dict(
+            fc1=np.asarray(params['blocks']['ffn']['fc1']['kernel']).std(),
+            head=np.asarray(params['head']['kernel']).std(),
+            ada=ada[:, 2 * 64 :].std(),
+        )
+
     base = init_stds()
     np.testing.assert_allclose(base['fc1'], math.sqrt(1 / (3 * 64)), rtol=0.1)  # official default std
     assert init_stds(init_std=0.05)['fc1'] == pytest.approx(0.05, rel=0.1)

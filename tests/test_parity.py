@@ -5,8 +5,9 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import golden_state_dict, nchw
 from var_jax import convert
+
+from conftest import golden_state_dict, nchw
 
 ATOL = 1e-4
 
@@ -22,8 +23,15 @@ def outputs(golden, tiny):
         f = bound.img_to_f(img)
         idx, fhats = bound.quantize.f_to_idx(f, return_fhat=True)
         x = bound.idx_to_var_input(idx)
-        return dict(f=f, idx=idx, fhats=fhats, dec_raw=bound.fhat_to_img(fhats[-1], clamp=False),
-                    rec=bound.idx_to_img(idx), x=x, logits=var.apply({'params': tp}, labels, x))
+        return dict(
+            f=f,
+            idx=idx,
+            fhats=fhats,
+            dec_raw=bound.fhat_to_img(fhats[-1], clamp=False),
+            rec=bound.idx_to_img(idx),
+            x=x,
+            logits=var.apply({'params': tp}, labels, x),
+        )
 
     img = golden['vae_io/img_B3HW'].transpose(0, 2, 3, 1)
     return jax.device_get(run(vp, tp, img, golden['var_io/label_B']))
@@ -71,8 +79,9 @@ def test_loss_and_gradient_of_every_parameter(golden, tiny):
     loss, grads = jax.jit(jax.value_and_grad(loss_fn))(tp)
     np.testing.assert_allclose(loss, golden['train/loss'], rtol=1e-4)
     # The official gradients go through the same key mapping and layout changes as weights.
-    ref = convert.state_dict_to_params(golden_state_dict(golden, 'train/grad/'),
-                                       jax.eval_shape(lambda: tp), convert._VAR_BUFFERS)
+    ref = convert.state_dict_to_params(
+        golden_state_dict(golden, 'train/grad/'), jax.eval_shape(lambda: tp), convert._VAR_BUFFERS
+    )
     flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref))
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         r = flat_ref[path]
@@ -82,6 +91,7 @@ def test_loss_and_gradient_of_every_parameter(golden, tiny):
 def test_api_round_trip_matches_golden(golden, tiny):
     """The public encode/decode/teacher_forcing_logits give the official results."""
     from var_jax import api
+
     vqvae, vp, var, tp = tiny
     img = golden['vae_io/img_B3HW'].transpose(0, 2, 3, 1)
     idx = api.encode(vqvae, vp, img)
@@ -96,6 +106,7 @@ def test_lean_cross_entropy_matches_the_one_hot_form_and_the_official_gradients(
     """losses.cross_entropy (no one-hot, no log-softmax copy): optax's one-hot CE per token, in value and
     gradient, also for bf16 logits; without smoothing the official loss and parameter gradients."""
     from var_jax import losses
+
     _, _, var, tp = tiny
     x, labels, targets = golden['var_io/x_BLCv_wo_first_l'], golden['var_io/label_B'], golden['vae_io/idx_BL']
     V = var.vocab_size
@@ -109,15 +120,25 @@ def test_lean_cross_entropy_matches_the_one_hot_form_and_the_official_gradients(
         ce, correct = losses.cross_entropy(logits, targets, smoothing)
         np.testing.assert_allclose(ce, one_hot_ce(logits), rtol=1e-5, atol=1e-5)
         np.testing.assert_array_equal(correct, np.argmax(np.asarray(logits, np.float32), -1) == targets)
-        g, g_ref = (jax.grad(lambda l, f=f: (f(l) * np.arange(l.shape[1])).sum())(logits.astype(np.float32))
-                    for f in (lambda l: losses.cross_entropy(l, targets, smoothing)[0], one_hot_ce))
+        g, g_ref = (
+            jax.grad(lambda l, f=f: (f(l) * np.arange(l.shape[1])).sum())(logits.astype(np.float32))
+            for f in (lambda l: losses.cross_entropy(l, targets, smoothing)[0], one_hot_ce)
+        )
         np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-5)
     if smoothing:
         return
-    loss, grads = jax.jit(jax.value_and_grad(
-        lambda p: losses.cross_entropy(var.apply({'params': p}, labels, x), targets)[0].mean()))(tp)
+    loss, grads = jax.jit(
+        jax.value_and_grad(lambda p: losses.cross_entropy(var.apply({'params': p}, labels, x), targets)[0].mean())
+    )(tp)
     np.testing.assert_allclose(loss, golden['train/loss'], rtol=1e-4)
-    ref = dict(jax.tree_util.tree_leaves_with_path(convert.state_dict_to_params(
-        golden_state_dict(golden, 'train/grad/'), jax.eval_shape(lambda: tp), convert._VAR_BUFFERS)))
+    ref = dict(
+        jax.tree_util.tree_leaves_with_path(
+            convert.state_dict_to_params(
+                golden_state_dict(golden, 'train/grad/'), jax.eval_shape(lambda: tp), convert._VAR_BUFFERS
+            )
+        )
+    )
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
-        assert np.abs(np.asarray(g) - ref[path]).max() <= 1e-4 * np.abs(ref[path]).max() + 1e-8, jax.tree_util.keystr(path)
+        assert np.abs(np.asarray(g) - ref[path]).max() <= 1e-4 * np.abs(ref[path]).max() + 1e-8, jax.tree_util.keystr(
+            path
+        )

@@ -1,5 +1,6 @@
 """The LPIPS-VGG perceptual loss: parity with an independent PyTorch computation, the weight
 loaders and their errors, and the perceptual term of both tokenizer steps. Random weights only."""
+
 import os
 import re
 
@@ -8,13 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from train_worker import _host_init as host_init
 
 from var_jax import trainers
-from var_jax.trainers import loop, tokenizer
 from var_jax.models import lpips
 from var_jax.models.discriminator import PatchDiscriminator
 from var_jax.models.vqvae import VQVAE
+from var_jax.trainers import loop, tokenizer
+
+from train_worker import _host_init as host_init
 
 L1, L2, WEIGHT = 0.2, 1.0, 0.5
 
@@ -26,7 +28,7 @@ def random_state_dict(seed=0):
     sd = {}
     for key, shape in lpips.vgg16_torch_shapes().items():
         fan_in = np.prod(shape[1:])
-        sd[key] = (rng.normal(0, np.sqrt(2 / fan_in), shape) if len(shape) == 4 else rng.normal(0, 0.1, shape))
+        sd[key] = rng.normal(0, np.sqrt(2 / fan_in), shape) if len(shape) == 4 else rng.normal(0, 0.1, shape)
     for key, shape in lpips.lin_torch_shapes().items():
         sd[key] = rng.uniform(0, 0.2, shape)
     return {k: v.astype(np.float32) for k, v in sd.items()}
@@ -72,13 +74,15 @@ def torch_lpips(state_dict, x, y):
             layers += [nn.Conv2d(cin, v, kernel_size=3, padding=1), nn.ReLU(inplace=False)]
             cin = v
     features = nn.Sequential(*layers)
-    features.load_state_dict({k[len('features.'):]: torch.from_numpy(v) for k, v in state_dict.items()
-                              if k.startswith('features.')}, strict=True)
+    features.load_state_dict(
+        {k[len('features.') :]: torch.from_numpy(v) for k, v in state_dict.items() if k.startswith('features.')},
+        strict=True,
+    )
     lins = [nn.Conv2d(c, 1, 1, bias=False) for c in lpips.WIDTHS]
     for k, lin in enumerate(lins):
         lin.weight.data = torch.from_numpy(state_dict[f'lin{k}.model.1.weight'])
-    shift = torch.tensor([-.030, -.088, -.188]).view(1, 3, 1, 1)
-    scale = torch.tensor([.458, .448, .450]).view(1, 3, 1, 1)
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
 
     def taps(img):
         h, out = (torch.from_numpy(np.array(img)).permute(0, 3, 1, 2) - shift) / scale, []
@@ -89,7 +93,8 @@ def torch_lpips(state_dict, x, y):
         return out
 
     def unit(t):
-        return t / (torch.sqrt(torch.sum(t ** 2, dim=1, keepdim=True)) + 1e-10)
+        return t / (torch.sqrt(torch.sum(t**2, dim=1, keepdim=True)) + 1e-10)
+
     with torch.no_grad():
         total = 0
         for k, (a, b) in enumerate(zip(taps(x), taps(y))):
@@ -100,14 +105,25 @@ def torch_lpips(state_dict, x, y):
 def test_parity_with_pytorch_through_the_pth_converter(state_dict, tmp_path, distance):
     torch = pytest.importorskip('torch')
     from var_jax import convert
+
     # The two files as their owners ship them: torchvision's (with a classifier we do not use) and lpips'.
     vgg_file = {k: torch.from_numpy(v) for k, v in state_dict.items() if k.startswith('features.')}
     vgg_file['classifier.6.bias'] = torch.zeros(1000)
     torch.save(vgg_file, tmp_path / lpips.VGG16_FILE)
-    torch.save({k: torch.from_numpy(v) for k, v in state_dict.items() if k.startswith('lin')}, tmp_path / lpips.LIN_FILE)
+    torch.save(
+        {k: torch.from_numpy(v) for k, v in state_dict.items() if k.startswith('lin')}, tmp_path / lpips.LIN_FILE
+    )
     out = tmp_path / 'converted' / 'lpips_vgg.npz'
-    convert.main(['--lpips_vgg16', str(tmp_path / lpips.VGG16_FILE), '--lpips_lin', str(tmp_path / lpips.LIN_FILE),
-                  '--out', str(out)])
+    convert.main(
+        [
+            '--lpips_vgg16',
+            str(tmp_path / lpips.VGG16_FILE),
+            '--lpips_lin',
+            str(tmp_path / lpips.LIN_FILE),
+            '--out',
+            str(out),
+        ]
+    )
     # The .npz keeps exactly the tensors LPIPS needs (the classifier is dropped).
     assert sorted(np.load(out).files) == sorted(lpips.vgg16_torch_shapes()) + sorted(lpips.lin_torch_shapes())
     params = lpips.load_lpips_params(str(out))
@@ -149,6 +165,7 @@ def test_missing_files_are_named_with_where_to_get_them(tmp_path):
     with pytest.raises(lpips.LPIPSWeightsError, match='is a directory; perceptual_weights_path takes one .npz'):
         lpips.load_lpips_params(str(tmp_path))
     from var_jax import convert
+
     (tmp_path / lpips.VGG16_FILE).write_bytes(b'')  # only one of the two files
     with pytest.raises(FileNotFoundError, match=re.escape(f'{tmp_path / lpips.LIN_FILE} not found')):
         convert.convert_lpips(str(tmp_path / lpips.VGG16_FILE), str(tmp_path / lpips.LIN_FILE), str(tmp_path / 'o.npz'))
@@ -158,12 +175,16 @@ def test_missing_key_and_wrong_shape_are_named(state_dict, tmp_path):
     missing = dict(state_dict)
     del missing['lin3.model.1.weight']
     np.savez(tmp_path / 'missing.npz', **missing)
-    with pytest.raises(lpips.LPIPSWeightsError, match=r'missing\.npz does not hold.*\n  1 missing: lin3\.model\.1\.weight'):
+    with pytest.raises(
+        lpips.LPIPSWeightsError, match=r'missing\.npz does not hold.*\n  1 missing: lin3\.model\.1\.weight'
+    ):
         lpips.load_lpips_params(str(tmp_path / 'missing.npz'))
     shaped = dict(state_dict, **{'features.28.weight': np.zeros((512, 256, 3, 3), np.float32)})
     np.savez(tmp_path / 'shaped.npz', **shaped)
-    with pytest.raises(lpips.LPIPSWeightsError,
-                       match=r'mis-shaped: features\.28\.weight: file \(512, 256, 3, 3\), expected \(512, 512, 3, 3\)'):
+    with pytest.raises(
+        lpips.LPIPSWeightsError,
+        match=r'mis-shaped: features\.28\.weight: file \(512, 256, 3, 3\), expected \(512, 512, 3, 3\)',
+    ):
         lpips.load_lpips_params(str(tmp_path / 'shaped.npz'))
     (tmp_path / 'text.npz').write_text('not an archive')
     with pytest.raises(lpips.LPIPSWeightsError, match='text.npz is not the LPIPS .npz'):
@@ -173,6 +194,7 @@ def test_missing_key_and_wrong_shape_are_named(state_dict, tmp_path):
 def test_wrong_pth_file_is_named(state_dict, tmp_path):
     torch = pytest.importorskip('torch')
     from var_jax import convert
+
     vgg = {k: torch.from_numpy(v) for k, v in state_dict.items() if k.startswith('features.')}
     vgg_path, lin_path, out = tmp_path / lpips.VGG16_FILE, tmp_path / lpips.LIN_FILE, str(tmp_path / 'o.npz')
     torch.save(vgg, vgg_path)
@@ -189,15 +211,25 @@ def test_wrong_pth_file_is_named(state_dict, tmp_path):
 @pytest.fixture(scope='module')
 def setup():
     """A 16 px tokenizer (LPIPS needs 16 px) and a discriminator, params made on the host (no init compile)."""
-    vqvae = VQVAE(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4, 8),
-                  using_sa=False, using_mid_sa=False)
+    vqvae = VQVAE(
+        vocab_size=32,
+        z_channels=8,
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        patch_nums=(1, 2, 4, 8),
+        using_sa=False,
+        using_mid_sa=False,
+    )
     disc = PatchDiscriminator(ndf=8, n_layers=1)
     image = _images((2, 16, 16, 3), 5)
     tx, dtx = optax.adam(1e-3), tokenizer.make_disc_optimizer(1e-3)
     abstract = lambda model: jax.eval_shape(model.init, jax.random.PRNGKey(0), image)['params']
     disc_params = host_init(abstract(disc), 1, std=0.02)
-    state = loop.new_state(host_init(abstract(vqvae), 0), tx, 0) | {'disc_params': disc_params,
-                                                                      'disc_opt_state': dtx.init(disc_params)}
+    state = loop.new_state(host_init(abstract(vqvae), 0), tx, 0) | {
+        'disc_params': disc_params,
+        'disc_opt_state': dtx.init(disc_params),
+    }
     return vqvae, disc, tx, dtx, state, {'image': image}
 
 
@@ -218,13 +250,17 @@ def reference(setup, params):
     vqvae, disc, _, _, state, batch = setup
     x = batch['image']
     rec_of = lambda p: vqvae.apply({'params': p}, x)[0]
-    nll = lambda p: (L1 * jnp.mean(jnp.abs(rec_of(p) - x)) + L2 * jnp.mean(jnp.square(rec_of(p) - x))
-                     + WEIGHT * jnp.mean(lpips.LPIPS().apply({'params': params}, rec_of(p), x)))
+    nll = lambda p: (
+        L1 * jnp.mean(jnp.abs(rec_of(p) - x))
+        + L2 * jnp.mean(jnp.square(rec_of(p) - x))
+        + WEIGHT * jnp.mean(lpips.LPIPS().apply({'params': params}, rec_of(p), x))
+    )
     vq = lambda p: vqvae.apply({'params': p}, x)[1]
     g = lambda p: -jnp.mean(disc.apply({'params': state['disc_params']}, rec_of(p)))
     last = lambda grads: jnp.linalg.norm(grads['decoder']['conv_out']['kernel'])
-    terms = jax.jit(lambda p: dict(rec=rec_of(p), nll=nll(p), vq=vq(p), g=g(p), gn=last(jax.grad(nll)(p)),
-                                   gg=last(jax.grad(g)(p))))
+    terms = jax.jit(
+        lambda p: dict(rec=rec_of(p), nll=nll(p), vq=vq(p), g=g(p), gn=last(jax.grad(nll)(p)), gg=last(jax.grad(g)(p)))
+    )
     return terms(state['params'])
 
 
@@ -259,10 +295,13 @@ def test_weight_zero_is_the_program_without_lpips(setup, gan):
 
 
 # --- the config -----------------------------------------------------------------------------------
-@pytest.mark.parametrize('path,error,named', [('', ValueError, 'tokenizer.perceptual_weights_path'),
-                                              ('absent.npz', FileNotFoundError, 'absent.npz')])
+@pytest.mark.parametrize(
+    'path,error,named',
+    [('', ValueError, 'tokenizer.perceptual_weights_path'), ('absent.npz', FileNotFoundError, 'absent.npz')],
+)
 def test_enabled_without_weights_fails_before_training(tmp_path, path, error, named):
     from configs import var_small
+
     config = var_small.get_config()
     config.data.data_dir = str(tmp_path / 'data')
     config.tokenizer.perceptual_weight = 0.1

@@ -5,6 +5,7 @@ ignores the precision. So the TPU policy is emulated on CPU: the encode program 
 conv_general_dilated / dot_general primitive whose precision is DEFAULT gets both operands rounded to
 bfloat16 before an exact float32 product, as the MXU does; HIGH / HIGHEST ones stay exact.
 """
+
 import collections
 import re
 
@@ -32,8 +33,9 @@ def _tpu_operands(operands, precision, seen):
 
 
 def _has_matmul(params) -> bool:
-    return any(e.primitive.name in _MATMULS or _has_matmul(e.params)
-               for j in jcore.jaxprs_in_params(params) for e in j.eqns)
+    return any(
+        e.primitive.name in _MATMULS or _has_matmul(e.params) for j in jcore.jaxprs_in_params(params) for e in j.eqns
+    )
 
 
 def _eval(jaxpr, consts, args, seen):
@@ -76,7 +78,7 @@ def test_the_emulation_rounds_default_operands_to_bfloat16_only():
     a, b = np.random.default_rng(0).normal(size=(2, 16, 16)).astype(np.float32)
     exact = a.astype(np.float64) @ b
     rounded = np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64) @ np.asarray(jnp.asarray(b, jnp.bfloat16))
-    assert np.abs(rounded - exact).max() > 1e-3   # so the two cases below are told apart
+    assert np.abs(rounded - exact).max() > 1e-3  # so the two cases below are told apart
     for precision, want, counted in ((None, rounded, 'bf16 pass'), ('highest', exact, 'float32')):
         got, seen = on_emulated_tpu(lambda x, y: jnp.dot(x, y, precision=precision), a, b)
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
@@ -102,7 +104,7 @@ def test_token_ids_survive_a_tpu_default_precision_policy(tiny, images, golden_i
     vqvae, vp, _, _ = tiny
     assert vqvae.encode_precision == 'highest'
     idx, seen = on_emulated_tpu(_encode(vqvae), vp, images)
-    assert seen == {'float32': 32 + 22}   # 32 convs, 22 dots (attention, resizes, nearest code): none rounded
+    assert seen == {'float32': 32 + 22}  # 32 convs, 22 dots (attention, resizes, nearest code): none rounded
     for si, (got, want) in enumerate(zip(idx, golden_idx)):
         np.testing.assert_array_equal(got, want, err_msg=f'scale {si}')
 
@@ -126,32 +128,34 @@ def op_precisions(stablehlo: str) -> list:
         m = _OP.search(line)
         if not m:
             continue
-        if m.group(1) == 'convolution':   # precision_config = [#stablehlo<precision HIGHEST>, ...]
+        if m.group(1) == 'convolution':  # precision_config = [#stablehlo<precision HIGHEST>, ...]
             p = re.search(r'precision_config = \[([^\]]*)\]', line)
             out.append((m.group(1), re.findall(r'precision (\w+)>', p.group(1)) if p else []))
-        else:                              # precision = [HIGHEST, HIGHEST]
+        else:  # precision = [HIGHEST, HIGHEST]
             p = re.search(r'precision = \[([^\]]*)\]', line)
             out.append((m.group(1), [s.strip() for s in p.group(1).split(',')] if p else []))
     return out
 
 
 def _lowered_ops(fn, *args):
-    with jax.default_matmul_precision('default'):   # an unset precision must show up as DEFAULT
+    with jax.default_matmul_precision('default'):  # an unset precision must show up as DEFAULT
         return op_precisions(jax.jit(fn).lower(*args).as_text())
 
 
 def _encoding_programs(vqvae, vp, images):
     """The programs that make token ids or read the quantizer: tokenise, teacher-forcing input, VQ loss grad."""
     f = jax.eval_shape(lambda p, x: vqvae.apply({'params': p}, x, method=VQVAE.img_to_f), vp, images)
-    idx = jax.eval_shape(_encode(vqvae), vp, images)   # lowering needs only shapes
+    idx = jax.eval_shape(_encode(vqvae), vp, images)  # lowering needs only shapes
 
     def vq_loss(p, img):
         return vqvae.apply({'params': p}, img, method=lambda m, x: m.quantize(m.img_to_f(x))[1])
 
-    return {'img_to_idx': (_encode(vqvae), vp, images),
-            'idx_to_var_input': (lambda p, i: vqvae.apply({'params': p}, i, method=VQVAE.idx_to_var_input), vp, idx),
-            'f_to_idx': (lambda p, f: vqvae.apply({'params': p}, f, method=lambda m, f: m.quantize.f_to_idx(f)), vp, f),
-            'grad of the VQ loss': (jax.grad(vq_loss), vp, images)}
+    return {
+        'img_to_idx': (_encode(vqvae), vp, images),
+        'idx_to_var_input': (lambda p, i: vqvae.apply({'params': p}, i, method=VQVAE.idx_to_var_input), vp, idx),
+        'f_to_idx': (lambda p, f: vqvae.apply({'params': p}, f, method=lambda m, f: m.quantize.f_to_idx(f)), vp, f),
+        'grad of the VQ loss': (jax.grad(vq_loss), vp, images),
+    }
 
 
 def test_encoding_lowers_with_highest_precision_only(tiny, images):
@@ -204,8 +208,11 @@ def test_bfloat16_decode_computes_in_bfloat16_and_returns_float32_images(tiny, g
 
 def test_bad_precision_names_the_field():
     with pytest.raises(ValueError, match="encode_precision='float32' is not a matmul precision"):
-        jax.eval_shape(VQVAE(ch=32, ch_mult=(1, 2), patch_nums=(1, 2), encode_precision='float32').init,
-                       jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3)))
+        jax.eval_shape(
+            VQVAE(ch=32, ch_mult=(1, 2), patch_nums=(1, 2), encode_precision='float32').init,
+            jax.random.PRNGKey(0),
+            jnp.zeros((1, 4, 4, 3)),
+        )
 
 
 def test_precision_is_a_compute_choice_of_params_files(tiny):
@@ -217,5 +224,5 @@ def test_precision_is_a_compute_choice_of_params_files(tiny):
     checkpoint.check_model_config('vae', saved, vqvae.clone(encode_precision='default', decode_precision='highest'))
     with pytest.raises(ValueError, match='vocab_size'):
         checkpoint.check_model_config('vae', saved, vqvae.clone(vocab_size=32))
-    old = {k: v for k, v in saved.items() if not k.endswith('_precision')}   # a model.json written before
+    old = {k: v for k, v in saved.items() if not k.endswith('_precision')}  # a model.json written before
     assert VQVAE(**old) == vqvae

@@ -1,4 +1,5 @@
 """Start-up checks: every setting that cannot work is named, with its fix, before anything compiles or is written."""
+
 import json
 import os
 import subprocess
@@ -38,8 +39,11 @@ def test_the_default_config_passes(tmp_path):
 def test_eval_needs_the_inception_file_and_whole_shards(tmp_path):
     msg = _problems(tmp_path, mode='eval')
     assert "eval.inception_path='' is not set" in msg and 'python -m var_jax.convert --inception' in msg
-    msg = _problems(tmp_path, mode='eval', **{'eval.inception_path': str(tmp_path / 'nope.npz'),
-                                               'eval.num_images': 100, 'eval.batch_size': 30})
+    msg = _problems(
+        tmp_path,
+        mode='eval',
+        **{'eval.inception_path': str(tmp_path / 'nope.npz'), 'eval.num_images': 100, 'eval.batch_size': 30},
+    )
     assert 'nope.npz' in msg and 'does not exist' in msg and 'eval.num_images=100 is not divisible' in msg
 
 
@@ -49,6 +53,7 @@ def test_sample_labels_are_checked_against_the_classes_the_run_will_have(tmp_pat
     msg = _problems(tmp_path, **{'sample.labels': '3,99'})
     assert "sample.labels='3,99'" in msg and 'the model has 10 classes' in msg
     from var_jax.data import synthetic
+
     msg = _problems(tmp_path, **{'var.num_classes': 0, 'sample.labels': str(synthetic.NUM_CLASSES)})
     assert f'the model has {synthetic.NUM_CLASSES} classes' in msg
     config = var_small.get_config()
@@ -59,6 +64,7 @@ def test_sample_labels_are_checked_against_the_classes_the_run_will_have(tmp_pat
 def _image_folder(root, n_good, bad):
     import numpy as np
     from PIL import Image
+
     for i in range(n_good):
         d = root / f'class{i % 2}'
         d.mkdir(parents=True, exist_ok=True)
@@ -131,8 +137,18 @@ def test_bad_data_and_stage_settings(tmp_path):
 def _main(*flags):
     """main.py started in the background (the three runs of the test overlap): (Popen, its output files)."""
     out, err = tempfile.TemporaryFile('w+'), tempfile.TemporaryFile('w+')
-    return subprocess.Popen([sys.executable, 'main.py', *flags], cwd=REPO, stdout=out, stderr=err, text=True,
-                            env=dict(os.environ, JAX_PLATFORMS='cpu')), out, err
+    return (
+        subprocess.Popen(
+            [sys.executable, 'main.py', *flags],
+            cwd=REPO,
+            stdout=out,
+            stderr=err,
+            text=True,
+            env=dict(os.environ, JAX_PLATFORMS='cpu'),
+        ),
+        out,
+        err,
+    )
 
 
 def _finish(started):
@@ -148,15 +164,18 @@ def _finish(started):
 
 
 def test_command_line_mistakes_are_one_line_with_exit_code_2(tmp_path):
-    started = [_main('--config=configs/var_small.py', '--config.transformer.totl_steps=5', f'--workdir={tmp_path}/w'),
-               _main('--config=configs/nope.py'),
-               _main('--config=configs/var_small.py', '--config.sample.top_p=1.5', f'--workdir={tmp_path}/w2')]
+    started = [
+        _main('--config=configs/var_small.py', '--config.transformer.totl_steps=5', f'--workdir={tmp_path}/w'),
+        _main('--config=configs/nope.py'),
+        _main('--config=configs/var_small.py', '--config.sample.top_p=1.5', f'--workdir={tmp_path}/w2'),
+    ]
     typo, missing, bad = [_finish(s) for s in started]
     for proc in (typo, missing, bad):
         assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
     assert typo.stderr.strip().splitlines() == [
         'error: a --config.<field> flag is wrong: no field "totl_steps"; did you mean "total_steps"? '
-        '(configs/common.py lists every field)']
+        '(configs/common.py lists every field)'
+    ]
     assert not os.path.exists(f'{tmp_path}/w')  # nothing written
     assert len(missing.stderr.strip().splitlines()) == 1 and 'configs/nope.py: no such file' in missing.stderr
     assert 'top_p' in bad.stderr and not os.path.exists(f'{tmp_path}/w2/tokenizer')  # nothing trained
@@ -165,12 +184,24 @@ def test_command_line_mistakes_are_one_line_with_exit_code_2(tmp_path):
 def test_each_mode_refuses_a_wrong_path_in_one_line(tmp_path):
     """train, sample and eval (the converter: tests/test_convert.py): a wrong input path exits 2 with one line."""
     started = {
-        'train': _main('--config=configs/var_small.py', '--config.data.source=folder',
-                       f'--config.data.folder={tmp_path}/no_images', f'--workdir={tmp_path}/a'),
-        'sample': _main('--config=configs/var_small.py', '--mode=sample', f'--config.init_from={tmp_path}/no_ckpt',
-                        f'--workdir={tmp_path}/b'),
-        'eval': _main('--config=configs/var_small.py', '--mode=eval', f'--workdir={tmp_path}/c',
-                      f'--config.eval.inception_path={tmp_path}/no_inception.npz'),
+        'train': _main(
+            '--config=configs/var_small.py',
+            '--config.data.source=folder',
+            f'--config.data.folder={tmp_path}/no_images',
+            f'--workdir={tmp_path}/a',
+        ),
+        'sample': _main(
+            '--config=configs/var_small.py',
+            '--mode=sample',
+            f'--config.init_from={tmp_path}/no_ckpt',
+            f'--workdir={tmp_path}/b',
+        ),
+        'eval': _main(
+            '--config=configs/var_small.py',
+            '--mode=eval',
+            f'--workdir={tmp_path}/c',
+            f'--config.eval.inception_path={tmp_path}/no_inception.npz',
+        ),
     }
     expect = {'train': 'no_images', 'sample': 'no_ckpt', 'eval': 'no_inception.npz'}
     for mode, s in started.items():

@@ -43,9 +43,11 @@ def official_progressive_weights(patch_nums, total, warmup, pg, pg0, pgwp):
     return out
 
 
-PROG_CASES = [((1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 200, 20, 0.6, 4, 7),
-              ((1, 2, 4, 8), 60, 0, 0.8, 1, 3),
-              ((1, 2, 4, 8), 50, 5, 0.5, 0, 1)]
+PROG_CASES = [
+    ((1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 200, 20, 0.6, 4, 7),
+    ((1, 2, 4, 8), 60, 0, 0.8, 1, 3),
+    ((1, 2, 4, 8), 50, 5, 0.5, 0, 1),
+]
 
 
 def test_progressive_weights_off():
@@ -87,6 +89,7 @@ def test_progressive_weights_match_official_in_the_last_stage(case):
 def test_pgwp_defaults_to_the_official_ep_over_300():
     """Official: pgwp = ep/300 epochs when not given, i.e. total_steps / 300 steps."""
     from configs.common import base_config
+
     cfg = base_config().transformer
     assert cfg.pgwp_steps == 0
     cfg.total_steps = 3000

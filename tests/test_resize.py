@@ -1,4 +1,5 @@
 """Torch-exact resize matrices for every (n_in, n_out) pair of the 256- and 512-px schedules."""
+
 import math
 
 import jax.numpy as jnp
@@ -9,15 +10,17 @@ from var_jax.models.resize import resize, resize_matrix
 
 PN_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 PN_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
-PAIRS = sorted({(pns[-1], p) for pns in (PN_256, PN_512) for p in pns[:-1]}      # area: latent -> scale
-               | {(p, pns[-1]) for pns in (PN_256, PN_512) for p in pns[:-1]}    # bicubic: scale -> latent
-               | {(a, b) for pns in (PN_256, PN_512) for a, b in zip(pns, pns[1:])})
+PAIRS = sorted(
+    {(pns[-1], p) for pns in (PN_256, PN_512) for p in pns[:-1]}  # area: latent -> scale
+    | {(p, pns[-1]) for pns in (PN_256, PN_512) for p in pns[:-1]}  # bicubic: scale -> latent
+    | {(a, b) for pns in (PN_256, PN_512) for a, b in zip(pns, pns[1:])}
+)
 
 
 def direct_area(x, n_out):
     """Adaptive average pooling, written per output cell."""
     n_in = len(x)
-    return np.array([x[(i * n_in) // n_out: -((-(i + 1) * n_in) // n_out)].mean() for i in range(n_out)])
+    return np.array([x[(i * n_in) // n_out : -((-(i + 1) * n_in) // n_out)].mean() for i in range(n_out)])
 
 
 def direct_bicubic(x, n_out, a=-0.75):
@@ -30,8 +33,7 @@ def direct_bicubic(x, n_out, a=-0.75):
         t = real - i0
         taps = [x[min(max(i0 + k, 0), n_in - 1)] for k in (-1, 0, 1, 2)]
         dists = [1 + t, t, 1 - t, 2 - t]
-        w = [((a * d - 5 * a) * d + 8 * a) * d - 4 * a if d > 1 else ((a + 2) * d - (a + 3)) * d * d + 1
-             for d in dists]
+        w = [((a * d - 5 * a) * d + 8 * a) * d - 4 * a if d > 1 else ((a + 2) * d - (a + 3)) * d * d + 1 for d in dists]
         out.append(sum(wi * ti for wi, ti in zip(w, taps)))
     return np.array(out)
 
@@ -79,8 +81,9 @@ def test_against_torch_interpolate():
             kw = {} if mode == 'area' else {'align_corners': False}
             ref = F.interpolate(torch.from_numpy(x), size=(n_out, n_out), mode=mode, **kw).numpy()
             ours = resize(jnp.asarray(x.transpose(0, 2, 3, 1), jnp.float32), (n_out, n_out), mode)
-            np.testing.assert_allclose(np.asarray(ours).transpose(0, 3, 1, 2), ref, atol=2e-5,
-                                       err_msg=f'{mode} {n_in}->{n_out}')
+            np.testing.assert_allclose(
+                np.asarray(ours).transpose(0, 3, 1, 2), ref, atol=2e-5, err_msg=f'{mode} {n_in}->{n_out}'
+            )
 
 
 def test_unknown_method_is_rejected():

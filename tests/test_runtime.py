@@ -1,4 +1,5 @@
 """var_jax.runtime: the malloc setting that keeps XLA:CPU temporaries mapped between calls."""
+
 import os
 import subprocess
 import sys
@@ -26,9 +27,14 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def _faults(apply: bool):
-    out = subprocess.run([sys.executable, '-c', _CHILD, '1' if apply else '0'], capture_output=True, text=True,
-                         check=True, env={'JAX_PLATFORMS': 'cpu', 'PATH': ''},
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split()
+    out = subprocess.run(
+        [sys.executable, '-c', _CHILD, '1' if apply else '0'],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={'JAX_PLATFORMS': 'cpu', 'PATH': ''},
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    ).stdout.split()
     return out[0] == 'True', int(out[1])
 
 
@@ -61,8 +67,14 @@ jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((64, 64))).block_until_ready()
 
 def _run_cache_child(directory, env_dir=None):
     env = {'JAX_PLATFORMS': 'cpu', 'PATH': ''} | ({'JAX_COMPILATION_CACHE_DIR': env_dir} if env_dir else {})
-    return subprocess.run([sys.executable, '-c', _CACHE_CHILD, directory], capture_output=True, text=True, check=True,
-                          env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.split()[-1]
+    return subprocess.run(
+        [sys.executable, '-c', _CACHE_CHILD, directory],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    ).stdout.split()[-1]
 
 
 def test_compile_cache_is_written_and_the_environment_wins(tmp_path):

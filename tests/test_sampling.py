@@ -4,6 +4,7 @@ retracing, top-k / top-p / temperature distributions, zero-shot editing, input v
 Compiles are the slow part on CPU, so the tests share a few static configurations:
 greedy (top_k=1, logits), teacher forcing / editing (top_k=0, logits) and smoothing.
 """
+
 import types
 
 import jax
@@ -39,9 +40,15 @@ def tiny():
     z = np.load(DATA)
     vcfg, vae_params = convert_vae({k[4:]: z[k] for k in z.files if k.startswith('vae/')}, PN)
     tcfg, var_params = convert_var({k[4:]: z[k] for k in z.files if k.startswith('var/')}, PN)
-    return types.SimpleNamespace(z=z, vae=VQVAE(**vcfg), vp=vae_params, var=VAR(**tcfg), tp=var_params,
-                                 image=_nchw_to_nhwc(z['vae_io/img_B3HW']),
-                                 src_idx=[z[f'vae_io/idx_Bl/{si:02d}'] for si in range(len(PN))])
+    return types.SimpleNamespace(
+        z=z,
+        vae=VQVAE(**vcfg),
+        vp=vae_params,
+        var=VAR(**tcfg),
+        tp=var_params,
+        image=_nchw_to_nhwc(z['vae_io/img_B3HW']),
+        src_idx=[z[f'vae_io/idx_Bl/{si:02d}'] for si in range(len(PN))],
+    )
 
 
 def _models(t):
@@ -65,12 +72,22 @@ def test_greedy_sampling_matches_official(tiny, g, attention, monkeypatch):
         monkeypatch.setattr(attn_lib, 'sequence_minor', lambda: True)
     z = tiny.z
     vae, vp, var, tp = _models(tiny)
-    res = sampling.sample(vae, vp, var.clone(attention=attention), tp, z[f'sample/cfg{g}/label_B'],
-                          jax.random.PRNGKey(g), cfg=float(z[f'sample/cfg{g}/cfg']), top_k=1, return_logits=True)
+    res = sampling.sample(
+        vae,
+        vp,
+        var.clone(attention=attention),
+        tp,
+        z[f'sample/cfg{g}/label_B'],
+        jax.random.PRNGKey(g),
+        cfg=float(z[f'sample/cfg{g}/cfg']),
+        top_k=1,
+        return_logits=True,
+    )
     for si in range(len(PN)):
         np.testing.assert_array_equal(np.asarray(res['idx'][si]), z[f'sample/cfg{g}/idx_Bl/{si:02d}'])
-        np.testing.assert_allclose(np.asarray(res['logits'][si]), z[f'sample/cfg{g}/logits_BlV/{si:02d}'],
-                                   atol=1e-4, rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(res['logits'][si]), z[f'sample/cfg{g}/logits_BlV/{si:02d}'], atol=1e-4, rtol=0
+        )
     np.testing.assert_allclose(np.asarray(res['f_hat']), _nchw_to_nhwc(z[f'sample/cfg{g}/fhat_BChw']), atol=1e-4)
     np.testing.assert_allclose(np.asarray(res['images']), _nchw_to_nhwc(z[f'sample/cfg{g}/img_B3HW']), atol=1e-4)
     assert res['images'].dtype == jnp.float32
@@ -129,7 +146,7 @@ def test_more_smooth_uses_gumbel_soft_embeddings(tiny, forward):
     for si, pn in enumerate(PN):
         ratio = si / (K - 1)
         lg = np.asarray(res['logits'][si], np.float64)
-        masked = np.where(lg < np.sort(lg, -1)[..., -k:-k + 1], -np.inf, lg)  # official top-k: < k-th largest out
+        masked = np.where(lg < np.sort(lg, -1)[..., -k : -k + 1], -np.inf, lg)  # official top-k: < k-th largest out
         assert np.isfinite(np.take_along_axis(masked, np.asarray(res['idx'][si])[..., None], -1)).all()
         u = jax.random.uniform(jax.random.split(keys[si])[1], lg.shape, jnp.float32, np.finfo(np.float32).tiny, 1.0)
         gumbels = -np.log(-np.log(np.asarray(u, np.float64)))
@@ -137,8 +154,12 @@ def test_more_smooth_uses_gumbel_soft_embeddings(tiny, forward):
         y = (masked * (1 + ratio) + gumbels) / gum_t
         y = np.exp(y - y.max(-1, keepdims=True))
         h = (y / y.sum(-1, keepdims=True)) @ codebook  # soft (hard=False) Gumbel-softmax @ embedding
-        f_hat = f_hat + vae.apply({'params': vp}, jnp.asarray(h.reshape(B, pn, pn, Cv), jnp.float32), si,
-                                  method=lambda m, h, si: m.quantize.upsample_and_phi(h, si))
+        f_hat = f_hat + vae.apply(
+            {'params': vp},
+            jnp.asarray(h.reshape(B, pn, pn, Cv), jnp.float32),
+            si,
+            method=lambda m, h, si: m.quantize.upsample_and_phi(h, si),
+        )
         fhats.append(f_hat)
     np.testing.assert_allclose(np.asarray(res['f_hat']), np.asarray(f_hat), atol=1e-4)
     # The logits the sampler used are the model's on that soft f_hat: the full forward of [cond; null] on the
@@ -148,8 +169,9 @@ def test_more_smooth_uses_gumbel_soft_embeddings(tiny, forward):
     uncond = np.asarray(forward(jnp.full_like(labels, var.num_classes), x), np.float64)
     for si, (b, e) in enumerate(begin_ends(PN)):
         t = cfg * si / (K - 1)
-        np.testing.assert_allclose(np.asarray(res['logits'][si]), (1 + t) * cond[:, b:e] - t * uncond[:, b:e],
-                                   atol=1e-4, rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(res['logits'][si]), (1 + t) * cond[:, b:e] - t * uncond[:, b:e], atol=1e-4, rtol=0
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,6 +240,7 @@ CHI2_CASES = {
 @pytest.mark.parametrize('platform', ['cpu', 'tpu'])  # inverse CDF / Gumbel-max, 1- / 4-bit threshold searches
 def test_sample_distribution_chi_square(case, platform):
     from scipy.stats import chisquare
+
     logits, kw = CHI2_CASES[case]
     n = 40000
     expected = _softmax(_official_filter(logits[None], **kw))[0]
@@ -238,7 +261,7 @@ def test_sample_distribution_chi_square(case, platform):
 def test_rectangle_mask_is_the_official_box():
     m = sampling.rectangle_mask(PN, 0.1, 0.2, 0.8, 0.7, inpainting=False)
     ref = np.zeros((8, 8), np.float32)
-    ref[round(0.8):round(6.4), round(1.6):round(5.6)] = 1  # rows 1:6, cols 2:6
+    ref[round(0.8) : round(6.4), round(1.6) : round(5.6)] = 1  # rows 1:6, cols 2:6
     np.testing.assert_array_equal(m, ref)
     np.testing.assert_array_equal(sampling.rectangle_mask(PN, 0.1, 0.2, 0.8, 0.7, inpainting=True), 1 - ref)
 
@@ -252,8 +275,15 @@ def test_scale_masks_match_torch_bilinear():
         masks = np.concatenate([rng.random((6, s, s)) > 0.5, np.stack(boxes)]).astype(np.float32)
         ours = sampling.scale_keep_masks(masks, pns, len(masks))
         for si, pn in enumerate(pns):
-            ref = torch.nn.functional.interpolate(torch.from_numpy(masks)[:, None], size=(pn, pn), mode='bilinear',
-                                                  align_corners=False).gt(0.5).int().numpy().reshape(len(masks), -1)
+            ref = (
+                torch.nn.functional.interpolate(
+                    torch.from_numpy(masks)[:, None], size=(pn, pn), mode='bilinear', align_corners=False
+                )
+                .gt(0.5)
+                .int()
+                .numpy()
+                .reshape(len(masks), -1)
+            )
             if pn * pn <= 3:
                 ref = np.ones_like(ref)
             np.testing.assert_array_equal(np.asarray(ours[si]), ref, err_msg=f'{pns} pn={pn}')
@@ -307,8 +337,9 @@ def test_edit_keep_all_reconstructs_and_class_conditional(tiny):
     rec = (_nchw_to_nhwc(tiny.z['vae_io/rec_img_B3HW']) + 1) / 2
     np.testing.assert_allclose(np.asarray(full['images']), rec, atol=1e-4)
     # Class-conditional outpainting (keep the box, a class label), per-sample masks.
-    masks = np.stack([sampling.rectangle_mask(PN, 0.1, 0.1, 0.8, 0.8, False),
-                      sampling.rectangle_mask(PN, 0.0, 0.5, 1.0, 1.0, False)])
+    masks = np.stack(
+        [sampling.rectangle_mask(PN, 0.1, 0.1, 0.8, 0.8, False), sampling.rectangle_mask(PN, 0.0, 0.5, 1.0, 1.0, False)]
+    )
     res = sampling.edit(*_models(tiny), tiny.image, masks, np.array([3, 7]), 4, cfg=3.0, return_logits=True)
     for si, k in enumerate(sampling.scale_keep_masks(masks, PN, 2)):
         k = np.asarray(k) > 0.5
@@ -318,18 +349,21 @@ def test_edit_keep_all_reconstructs_and_class_conditional(tiny):
 # ------------------------------------------------------------------------------------------------
 # Input validation
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('kwargs,match', [
-    (dict(labels=np.array([0, 11])), 'labels must be in'),  # 10 is the null class
-    (dict(labels=np.array([[1, 2]])), '1-D'),
-    (dict(labels=None), 'batch_size'),
-    (dict(cfg=-0.5), 'cfg'),
-    (dict(top_p=1.5), 'top_p'),
-    (dict(top_p=-0.1), 'top_p'),
-    (dict(top_k=-1), 'top_k'),
-    (dict(top_k=65), 'top_k=65 exceeds the vocabulary size 64'),
-    (dict(temperature=0.0), 'temperature'),
-    (dict(temperature=-1.0), 'temperature'),
-])
+@pytest.mark.parametrize(
+    'kwargs,match',
+    [
+        (dict(labels=np.array([0, 11])), 'labels must be in'),  # 10 is the null class
+        (dict(labels=np.array([[1, 2]])), '1-D'),
+        (dict(labels=None), 'batch_size'),
+        (dict(cfg=-0.5), 'cfg'),
+        (dict(top_p=1.5), 'top_p'),
+        (dict(top_p=-0.1), 'top_p'),
+        (dict(top_k=-1), 'top_k'),
+        (dict(top_k=65), 'top_k=65 exceeds the vocabulary size 64'),
+        (dict(temperature=0.0), 'temperature'),
+        (dict(temperature=-1.0), 'temperature'),
+    ],
+)
 def test_sample_rejects_bad_inputs(tiny, kwargs, match):
     args = dict(labels=np.array([1, 2]), key=jax.random.PRNGKey(0)) | kwargs
     labels, key = args.pop('labels'), args.pop('key')
@@ -337,10 +371,17 @@ def test_sample_rejects_bad_inputs(tiny, kwargs, match):
         sampling.sample(*_models(tiny), labels, key, **args)
 
 
-@pytest.mark.parametrize('what,match', [
-    ('image', 'images must be NHWC'), ('range', r'in \[-1, 1\]'), ('mask', 'mask must be'), ('mask_batch', 'mask must be'),
-    ('labels', 'labels must be'), ('top_p', 'top_p'),
-])
+@pytest.mark.parametrize(
+    'what,match',
+    [
+        ('image', 'images must be NHWC'),
+        ('range', r'in \[-1, 1\]'),
+        ('mask', 'mask must be'),
+        ('mask_batch', 'mask must be'),
+        ('labels', 'labels must be'),
+        ('top_p', 'top_p'),
+    ],
+)
 def test_edit_rejects_bad_inputs(tiny, what, match):
     image, mask, labels, kw = tiny.image, np.ones((8, 8)), None, {}
     if what == 'image':
@@ -406,9 +447,15 @@ def test_sampling_imports_no_api_training_or_tensorflow():
     """Layering: the sampler builds on the models only (docs/ARCHITECTURE.md), so it stays importable without TF."""
     import ast
     import inspect
+
     tree = ast.parse(inspect.getsource(sampling))
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {f'{n.module}.{a.name}' for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
-    bad = {m for m in names if m.startswith(('var_jax.api', 'var_jax.trainers', 'var_jax.generate', 'var_jax.optim',
-                                             'var_jax.input', 'tensorflow'))}
+    bad = {
+        m
+        for m in names
+        if m.startswith(
+            ('var_jax.api', 'var_jax.trainers', 'var_jax.generate', 'var_jax.optim', 'var_jax.input', 'tensorflow')
+        )
+    }
     assert not bad and any(m.startswith('var_jax.models') for m in names), sorted(names)

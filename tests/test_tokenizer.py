@@ -1,4 +1,5 @@
 """The tokenizer stage's dead-code restart: never-hit codes are re-seeded from the batch's latents."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,8 +10,16 @@ from var_jax.trainers import loop, tokenizer
 
 
 def test_dead_code_restart_reseeds_only_unused_codes():
-    vqvae = VQVAE(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4),
-                  using_sa=False, using_mid_sa=False)
+    vqvae = VQVAE(
+        vocab_size=64,
+        z_channels=8,
+        ch=32,
+        ch_mult=(1, 2),
+        num_res_blocks=1,
+        patch_nums=(1, 2, 4),
+        using_sa=False,
+        using_mid_sa=False,
+    )
     images = [jax.random.uniform(jax.random.PRNGKey(i), (2, 8, 8, 3), minval=-1, maxval=1) for i in (1, 2)]
     params = jax.jit(vqvae.init)(jax.random.PRNGKey(0), images[0])['params']
     tx = optax.adam(1e-3)
@@ -25,7 +34,10 @@ def test_dead_code_restart_reseeds_only_unused_codes():
     assert 0 < hit.sum() < 64
     ref, _ = plain(state, {'image': images[0]})
     new, _ = restart(state, {'image': images[0]})
-    book, ref_book = np.asarray(new['params']['quantize']['embedding']), np.asarray(ref['params']['quantize']['embedding'])
+    book, ref_book = (
+        np.asarray(new['params']['quantize']['embedding']),
+        np.asarray(ref['params']['quantize']['embedding']),
+    )
     np.testing.assert_array_equal(book[hit], ref_book[hit])  # used codes: the plain Adam update
     latents = np.asarray(f).reshape(-1, 8)
     for row in book[~hit]:  # dead codes: a latent vector of this batch each

@@ -1,4 +1,5 @@
 """What fit and trainers.run do with a non-finite loss, bad settings, a mismatched checkpoint and Ctrl-C."""
+
 import os
 import subprocess
 import sys
@@ -7,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from train_runs import REPO, TIMEOUT_S, main_flags, restore_raw, run_env, small_config
 
 from var_jax import trainers
 from var_jax.trainers import loop
+
+from train_runs import REPO, TIMEOUT_S, main_flags, restore_raw, run_env, small_config
 
 
 # =============================================================================================
@@ -21,10 +23,12 @@ def _toy_fit(tmp_path, total_steps, on_sample=None, nan_at=-1):
     a sample grid every 4; the loss is NaN at step `nan_at`."""
     from configs.common import base_config
     from var_jax import sharding
+
     config = base_config()
     config.update(dict(seed=0, keep_checkpoints=5, save_every=2, log_every=2, sample_every=4))
-    config.data.update(dict(data_dir=str(tmp_path / 'data'), image_size=8, synthetic_train_size=16,
-                            synthetic_test_size=4))
+    config.data.update(
+        dict(data_dir=str(tmp_path / 'data'), image_size=8, synthetic_train_size=16, synthetic_test_size=4)
+    )
     tx = optax.sgd(0.1)
     state = loop.new_state({'w': jnp.ones((2, 2))}, tx, 0)
     mesh = sharding.make_mesh(1, jax.devices()[:1])
@@ -33,16 +37,29 @@ def _toy_fit(tmp_path, total_steps, on_sample=None, nan_at=-1):
         def loss_fn(p):
             scale = jnp.where(state['step'] == nan_at, jnp.nan, jnp.mean(batch['image']) ** 2 + 1)
             return jnp.sum(p['w'] ** 2) * scale
+
         loss, grads = jax.value_and_grad(loss_fn)(state['params'])
         return loop.apply_update(state, grads, tx, loss, optax.tree.norm(grads)), dict(loss=loss)
-    return loop.fit('toy', str(tmp_path), config, state=state, state_shardings=sharding.param_sharding(mesh, state),
-                    mesh=mesh, step_fn=step_fn, step_args=(), total_steps=total_steps, batch_size=4,
-                    on_sample=on_sample)
+
+    return loop.fit(
+        'toy',
+        str(tmp_path),
+        config,
+        state=state,
+        state_shardings=sharding.param_sharding(mesh, state),
+        mesh=mesh,
+        step_fn=step_fn,
+        step_args=(),
+        total_steps=total_steps,
+        batch_size=4,
+        on_sample=on_sample,
+    )
 
 
 def test_fit_raises_nonfinite_error_naming_last_good_checkpoint(tmp_path):
     """A NaN at step 3 (0-based 2) is caught at the next log/save boundary (4), before saving it."""
     from var_jax.checkpoint import Checkpointer
+
     with pytest.raises(loop.NonFiniteError) as e:
         _toy_fit(tmp_path, 8, nan_at=2)
     stage_dir = str(tmp_path / 'toy')
@@ -87,6 +104,7 @@ def test_incompatible_checkpoint_raises_config_mismatch(finished_run):
     be refused with the differing field named, before anything is written. (The transformer stage:
     its model init compiles faster in this process than the tokenizer's; both stages share fit.)"""
     from var_jax.checkpoint import ConfigMismatchError
+
     workdir, data_dir = finished_run
     stage = os.path.join(workdir, 'transformer')
     listing = lambda: sorted(os.listdir(os.path.join(stage, 'checkpoints')))
@@ -105,6 +123,7 @@ def test_other_stage_settings_do_not_block_resume(finished_run):
     workdir with a finished tokenizer finds the tokenizer done (nothing retrained, nothing written)
     instead of refusing; a tokenizer setting is still checked."""
     from var_jax.checkpoint import ConfigMismatchError
+
     workdir, data_dir = finished_run
     ckpts = os.path.join(workdir, 'tokenizer', 'checkpoints')
     listing = lambda: {d: os.path.getmtime(os.path.join(ckpts, d)) for d in os.listdir(ckpts)}
@@ -121,11 +140,17 @@ def test_ctrl_c_while_a_checkpoint_is_written_exits_cleanly(tmp_path, train_runs
     """Ctrl-C during an asynchronous save: one message, exit code 130, no traceback; what is on disk restores.
     (The tokenizer stage of run A's config, in a workdir of its own: it loads run A's executables and data.)"""
     from var_jax.checkpoint import Checkpointer
+
     work = str(tmp_path / 'work')
     flags = main_flags(work, finished_run[1], stages='tokenizer')
-    proc = subprocess.run([sys.executable, os.path.join(REPO, 'tests', 'train_worker.py'), 'main_interrupted',
-                           'tokenizer', '8'] + flags, cwd=REPO, env=run_env(train_runs.cache_dir),
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, 'tests', 'train_worker.py'), 'main_interrupted', 'tokenizer', '8'] + flags,
+        cwd=REPO,
+        env=run_env(train_runs.cache_dir),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 130, out[-3000:]
     assert 'interrupted:' in proc.stderr and 'run the same command again to resume' in proc.stderr, out[-3000:]
@@ -146,6 +171,7 @@ def test_an_error_at_a_sample_grid_keeps_the_checkpoint_being_written(tmp_path, 
 
     def failing_grid(params, step):
         raise ConfigError(f'a bad sample setting at step {step}')
+
     with pytest.raises(ConfigError, match='step 4'):
         _toy_fit(tmp_path, 8, on_sample=failing_grid)
     ckpts = tmp_path / 'toy' / 'checkpoints'

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import golden_state_dict
 
 from var_jax.trainers import transformer
+
+from conftest import golden_state_dict
 
 
 # =============================================================================================
@@ -20,20 +21,24 @@ def golden_grad(golden, tiny):
 
     @jax.jit
     def fn(params, x, weights):
-        return jax.value_and_grad(lambda p: transformer.var_loss(var, p, labels, x, targets, weights, train=False),
-                                  has_aux=True)(params)
+        return jax.value_and_grad(
+            lambda p: transformer.var_loss(var, p, labels, x, targets, weights, train=False), has_aux=True
+        )(params)
+
     return var, params, fn
 
 
 def test_var_loss_and_grads_match_official(golden, golden_grad):
     from var_jax import convert
+
     var, params, fn = golden_grad
     L = golden['vae_io/idx_BL'].shape[1]
     (loss, (ce, _)), grads = fn(params, golden['var_io/x_BLCv_wo_first_l'], np.full(L, 1 / L, np.float32))
     np.testing.assert_allclose(loss, golden['train/loss'], rtol=1e-4)
     np.testing.assert_allclose(np.mean(ce), golden['train/loss'], rtol=1e-4)
-    ref = convert.state_dict_to_params(golden_state_dict(golden, 'train/grad/'), jax.eval_shape(lambda: params),
-                                       convert._VAR_BUFFERS)
+    ref = convert.state_dict_to_params(
+        golden_state_dict(golden, 'train/grad/'), jax.eval_shape(lambda: params), convert._VAR_BUFFERS
+    )
     flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref))
     flat = jax.tree_util.tree_leaves_with_path(grads)
     assert len(flat) == len(flat_ref) > 20
@@ -78,7 +83,7 @@ def test_masked_scales_equal_truncation(golden, golden_grad):
     assert cut.shape == (ed,) and cut.min() > 0
     w = np.pad(cut, (0, L - ed))  # the masked full-length form of the stage
     x2 = x.copy()
-    x2[:, ed - 1:] = np.random.default_rng(0).normal(size=x2[:, ed - 1:].shape)  # inputs of tokens >= ed
+    x2[:, ed - 1 :] = np.random.default_rng(0).normal(size=x2[:, ed - 1 :].shape)  # inputs of tokens >= ed
     (l1, _), g1 = fn(params, x, w)
     (l2, _), g2 = fn(params, x2, w)
     np.testing.assert_allclose(l1, l2, rtol=1e-6)

@@ -1,4 +1,5 @@
 """Sharded training steps (data parallel, FSDP) against one device, in the 4-device worker (tests/train_runs.py)."""
+
 import math
 import os
 
@@ -6,11 +7,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import train_worker
-from official_schedules import official_lr
 
 from var_jax import optim
 from var_jax.trainers import loop
+
+import train_worker
+from official_schedules import official_lr
 
 
 # =============================================================================================
@@ -21,8 +23,11 @@ def test_sharded_steps_equal_single_device(sharded):
     assert res['n_devices'] == 4
     meshes = res['meshes']
     assert {k: v['mesh_shape'] for k, v in meshes.items()} == {
-        '1dev': {'data': 1, 'fsdp': 1}, 'dp4': {'data': 4, 'fsdp': 1},
-        'fsdp2': {'data': 2, 'fsdp': 2}, 'fsdp4': {'data': 1, 'fsdp': 4}}
+        '1dev': {'data': 1, 'fsdp': 1},
+        'dp4': {'data': 4, 'fsdp': 1},
+        'fsdp2': {'data': 2, 'fsdp': 2},
+        'fsdp4': {'data': 1, 'fsdp': 4},
+    }
     # FSDP really split the params (and their Adam moments): the blocks' stacked mat_qkv (2, 64, 192) along
     # its 192 columns.
     assert meshes['fsdp2']['qkv_spec'] == meshes['fsdp4']['qkv_spec'] == "(None, None, 'fsdp')"
@@ -43,14 +48,20 @@ def test_sharded_steps_equal_single_device(sharded):
 def test_fsdp4_checkpoint_restores_on_one_device(sharded):
     from var_jax import api, sharding
     from var_jax.checkpoint import Checkpointer
+
     _, out = sharded
     vqvae, var = api.build_models(train_worker.VAE, train_worker.VAR)
-    tx = optim.make_optimizer(ml_collections.ConfigDict(train_worker.OPTIM), train_worker.TOTAL_STEPS,
-                              train_worker.BATCH)
+    tx = optim.make_optimizer(
+        ml_collections.ConfigDict(train_worker.OPTIM), train_worker.TOTAL_STEPS, train_worker.BATCH
+    )
     L = sum(p * p for p in var.patch_nums)
-    abstract = jax.eval_shape(lambda: loop.new_state(
-        var.init(jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32), jnp.zeros((1, L - 1, var.cvae)))['params'],
-        tx, train_worker.SEED))
+    abstract = jax.eval_shape(
+        lambda: loop.new_state(
+            var.init(jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32), jnp.zeros((1, L - 1, var.cvae)))['params'],
+            tx,
+            train_worker.SEED,
+        )
+    )
     mesh = sharding.make_mesh(1, jax.devices()[:1])
     target = sharding.with_shardings(abstract, sharding.param_sharding(mesh, abstract))
     with Checkpointer(os.path.join(out, 'ckpt')) as ckpt:
@@ -87,8 +98,10 @@ def test_logged_lr_is_the_lr_of_the_step(sharded):
     o = train_worker.OPTIM
     peak = o['tblr'] * train_worker.BATCH / 256
     logged = [m['lr'] for m in sharded[0]['meshes']['1dev']['metrics']]
-    want = [official_lr(s, peak, o['warmup_steps'], train_worker.TOTAL_STEPS, o['wp0'], o['wpe'])
-            for s in range(len(logged))]
+    want = [
+        official_lr(s, peak, o['warmup_steps'], train_worker.TOTAL_STEPS, o['wp0'], o['wpe'])
+        for s in range(len(logged))
+    ]
     assert len(logged) == train_worker.NUM_STEPS and want[0] != want[1]
     np.testing.assert_allclose(logged, want, rtol=1e-6)
 
@@ -105,7 +118,7 @@ def test_truncated_progressive_step_equals_the_masked_full_step(sharded):
         np.testing.assert_allclose(cut['grad_norm'], full['grad_norm'], rtol=1e-4)
         with np.load(os.path.join(out, f'truncated_{end}.npz')) as f:
             params = {k: f[k] for k in f.files}
-        keys = [k[len('cut'):] for k in params if k.startswith('cut')]
+        keys = [k[len('cut') :] for k in params if k.startswith('cut')]
         assert len(keys) > 20 and sorted(f'full{k}' for k in keys) == sorted(k for k in params if k.startswith('full'))
         for k in keys:
             np.testing.assert_allclose(params['cut' + k], params['full' + k], rtol=1e-4, atol=1e-6, err_msg=k)

@@ -1,9 +1,11 @@
 """Kill and resume: main.py end to end, bitwise against the uninterrupted run (tests/train_runs.py)."""
+
 import os
 import signal
 
 import jax
 import pytest
+
 from train_runs import (
     EXIT_PREEMPTED,
     PAUSE_AT,
@@ -19,9 +21,10 @@ from train_runs import (
 @pytest.mark.slow
 def test_kill_and_resume_is_bitwise_identical(resumed_runs):
     from var_jax import checkpoint
+
     runs, stage = resumed_runs, resumed_runs.stage
     a, b = runs.workdirs['A'], runs.workdirs['B']
-    b1_log, b2_log = (log_tail(os.path.join(runs.base, runs.log(r)), 10 ** 7) for r in ('B1', 'B2'))
+    b1_log, b2_log = (log_tail(os.path.join(runs.base, runs.log(r)), 10**7) for r in ('B1', 'B2'))
     assert f'[{stage}] step 4/12' in b1_log and f'[{stage}] step 8/12' not in b1_log
     if runs.signal == signal.SIGKILL:
         assert runs.b1_returncode == -signal.SIGKILL

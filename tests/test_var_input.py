@@ -6,6 +6,7 @@ path the sampler uses: f_hat after scale k (`idx_to_fhat(cumulative=True)`), are
 The golden fixture (tests/test_parity.py) covers one schedule; this covers the phi sharings and schedules
 that change the stacking: one phi per scale, one shared phi, no phi, and the 512-px schedule.
 """
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,9 +23,16 @@ def reference(q, params, idx):
     return jnp.concatenate([resize(f, (p, p), 'area').reshape(B, p * p, -1) for f, p in zip(fhats, pns[1:])], axis=1)
 
 
-@pytest.mark.parametrize('pns,share,resi', [(PATCH_NUMS_256, 4, 0.5), (PATCH_NUMS_256, 0, 0.5),
-                                            (PATCH_NUMS_256, 1, -0.3), (PATCH_NUMS_256, 4, 0.0),
-                                            (PATCH_NUMS_512, 4, 0.5)])
+@pytest.mark.parametrize(
+    'pns,share,resi',
+    [
+        (PATCH_NUMS_256, 4, 0.5),
+        (PATCH_NUMS_256, 0, 0.5),
+        (PATCH_NUMS_256, 1, -0.3),
+        (PATCH_NUMS_256, 4, 0.0),
+        (PATCH_NUMS_512, 4, 0.5),
+    ],
+)
 def test_batched_var_input_equals_the_per_scale_definition(pns, share, resi):
     q = MultiScaleQuantizer(vocab_size=64, cvae=8, patch_nums=pns, quant_resi=resi, share_quant_resi=share)
     keys = jax.random.split(jax.random.PRNGKey(1), len(pns))

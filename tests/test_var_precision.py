@@ -1,5 +1,6 @@
 """var.precision with bfloat16 blocks: 'official' (float32 residual stream, AdaLN modulation and training logits,
 as under the official fp16 autocast) against 'lean' (all in bfloat16), on the golden fixture's teacher forcing."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,8 +16,11 @@ def runs(golden, tiny):
     labels, x, targets = golden['var_io/label_B'], golden['var_io/x_BLCv_wo_first_l'], golden['vae_io/idx_BL']
     weights = np.full(targets.shape[1], 1 / targets.shape[1], np.float32)
     out = {}
-    for name, model in (('float32', var), ('official', var.clone(dtype=jnp.bfloat16, precision='official')),
-                        ('lean', var.clone(dtype=jnp.bfloat16, precision='lean'))):
+    for name, model in (
+        ('float32', var),
+        ('official', var.clone(dtype=jnp.bfloat16, precision='official')),
+        ('lean', var.clone(dtype=jnp.bfloat16, precision='lean')),
+    ):
         logits = jax.jit(lambda p, m=model: m.apply({'params': p}, labels, x))(params)
         loss, _ = jax.jit(lambda p, m=model: transformer.var_loss(m, p, labels, x, targets, weights))(params)
         out[name] = (logits, float(loss))

@@ -17,6 +17,7 @@ compilation cache (in pytest's cache dir), so run B reuses run A's executables: 
 A and B then isolates what resume restores (state, data position, rng) from compilation. The Ctrl-C
 test's main.py (the tokenizer of run A, interrupted) runs after run A and loads its executables too.
 """
+
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ import time
 import jax
 import numpy as np
 import pytest
+
 from conftest import ENVIRON
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,14 +37,32 @@ TIMEOUT_S = 900
 
 # A tiny configs/var_small.py run: 8 px images, 3 scales, 12 steps per stage.
 TINY = {
-    'data.image_size': 8, 'data.synthetic_train_size': 64, 'data.synthetic_test_size': 16,
-    'vae.ch': 32, 'vae.ch_mult': (1, 2), 'vae.num_res_blocks': 1, 'vae.vocab_size': 64, 'vae.z_channels': 8,
+    'data.image_size': 8,
+    'data.synthetic_train_size': 64,
+    'data.synthetic_test_size': 16,
+    'vae.ch': 32,
+    'vae.ch_mult': (1, 2),
+    'vae.num_res_blocks': 1,
+    'vae.vocab_size': 64,
+    'vae.z_channels': 8,
     'vae.patch_nums': (1, 2, 4),
-    'var.depth': 2, 'var.embed_dim': 64, 'var.num_heads': 2, 'var.drop_path_rate': 0.1,
-    'tokenizer.total_steps': 12, 'tokenizer.batch_size': 8, 'tokenizer.optim.warmup_steps': 2,
-    'transformer.total_steps': 12, 'transformer.batch_size': 8, 'transformer.optim.warmup_steps': 2,
-    'save_every': 4, 'log_every': 4, 'sample_every': 1000, 'eval.val_batches': 1,
-    'sample.num_images': 4, 'sample.ncols': 4, 'sample.batch_size': 4,
+    'var.depth': 2,
+    'var.embed_dim': 64,
+    'var.num_heads': 2,
+    'var.drop_path_rate': 0.1,
+    'tokenizer.total_steps': 12,
+    'tokenizer.batch_size': 8,
+    'tokenizer.optim.warmup_steps': 2,
+    'transformer.total_steps': 12,
+    'transformer.batch_size': 8,
+    'transformer.optim.warmup_steps': 2,
+    'save_every': 4,
+    'log_every': 4,
+    'sample_every': 1000,
+    'eval.val_batches': 1,
+    'sample.num_images': 4,
+    'sample.ncols': 4,
+    'sample.batch_size': 4,
 }
 PAUSE_AT = 6  # run B is killed after step 6 of a stage: checkpoint 4 is on disk, steps 5-6 are lost
 # Kill-and-resume variants: the stage whose step PAUSE_AT the kill lands after, config overrides on TINY.
@@ -51,10 +71,15 @@ PAUSE_AT = 6  # run B is killed after step 6 of a stage: checkpoint 4 is on disk
 # after the step that is running and exits with code 75). Variants with the same overrides share run A.
 # The discriminator trains from step 3 (disc_start 2), so its params and Adam state at the checkpoint
 # a resume starts from (4, or 7 after SIGTERM) are not the initial ones.
-GAN_TOKENIZER = {'stages': 'tokenizer', 'tokenizer.disc_weight': 0.5, 'tokenizer.disc_start': 2,
-                 'tokenizer.disc_layers': 1, 'tokenizer.disc_ndf': 8}
+GAN_TOKENIZER = {
+    'stages': 'tokenizer',
+    'tokenizer.disc_weight': 0.5,
+    'tokenizer.disc_start': 2,
+    'tokenizer.disc_layers': 1,
+    'tokenizer.disc_ndf': 8,
+}
 RESUME_RUNS = {
-    'full_run': ('transformer', {}, signal.SIGKILL),   # both stages
+    'full_run': ('transformer', {}, signal.SIGKILL),  # both stages
     'gan_tokenizer': ('tokenizer', GAN_TOKENIZER, signal.SIGKILL),
     'preempted_tokenizer': ('tokenizer', GAN_TOKENIZER, signal.SIGTERM),
 }
@@ -67,13 +92,15 @@ def _cli(value):
 
 def main_flags(workdir, data_dir, **extra):
     overrides = dict(TINY, **{'data.data_dir': data_dir}, **extra)
-    return (['--config=configs/var_small.py', f'--workdir={workdir}']
-            + [f'--config.{k}={_cli(v)}' for k, v in overrides.items()])
+    return ['--config=configs/var_small.py', f'--workdir={workdir}'] + [
+        f'--config.{k}={_cli(v)}' for k, v in overrides.items()
+    ]
 
 
 def small_config(data_dir, **extra):
     """configs/var_small.py with the TINY overrides (as main.py's flags would set them)."""
     from configs import var_small
+
     config = var_small.get_config()
     for key, value in dict(TINY, **{'data.data_dir': data_dir}, **extra).items():
         *parents, leaf = key.split('.')
@@ -85,10 +112,15 @@ def small_config(data_dir, **extra):
 
 
 def run_env(cache_dir, devices=None):
-    env = dict(ENVIRON, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
-               PYTHONPATH=REPO + os.pathsep + ENVIRON.get('PYTHONPATH', ''),
-               JAX_COMPILATION_CACHE_DIR=cache_dir, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-               JAX_COMPILATION_CACHE_MAX_SIZE=str(2 ** 28))
+    env = dict(
+        ENVIRON,
+        JAX_PLATFORMS='cpu',
+        TF_CPP_MIN_LOG_LEVEL='3',
+        PYTHONPATH=REPO + os.pathsep + ENVIRON.get('PYTHONPATH', ''),
+        JAX_COMPILATION_CACHE_DIR=cache_dir,
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+        JAX_COMPILATION_CACHE_MAX_SIZE=str(2**28),
+    )
     if devices:
         env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={devices}').strip()
     return env
@@ -147,8 +179,11 @@ class _Background:
         """The `sharded` worker (a background job): (its result.json, its output directory)."""
         out = os.path.join(self.base, 'sharded')
         os.makedirs(out)
-        self._start([sys.executable, os.path.join(REPO, 'tests', 'train_worker.py'), 'sharded', out], 'sharded.log',
-                    run_env(self.cache_dir, devices=4)).check()
+        self._start(
+            [sys.executable, os.path.join(REPO, 'tests', 'train_worker.py'), 'sharded', out],
+            'sharded.log',
+            run_env(self.cache_dir, devices=4),
+        ).check()
         with open(os.path.join(out, 'result.json')) as f:
             return json.load(f), out
 
@@ -171,34 +206,39 @@ class _Background:
                 self.data_ready.wait(TIMEOUT_S)
             for v in names:
                 self._chain(self.runs[v], with_b=variants[v], makes_data=makes_data)
+
         for i, names in enumerate(groups.values()):
             jobs.submit(chain, names, i == 0)
 
     def _main(self, runs, name, *, paused=False):
         """Run `name` (A, B1 or B2) of `runs` in its workdir (A or B)."""
         flags = main_flags(runs.workdirs[name[0]], self.data_dir, **runs.overrides)
-        args = ([os.path.join(REPO, 'tests', 'train_worker.py'), 'main_paused', runs.stage, str(PAUSE_AT)] if paused
-                else [os.path.join(REPO, 'main.py')])
+        args = (
+            [os.path.join(REPO, 'tests', 'train_worker.py'), 'main_paused', runs.stage, str(PAUSE_AT)]
+            if paused
+            else [os.path.join(REPO, 'main.py')]
+        )
         return self._start([sys.executable] + args + flags, runs.log(name), run_env(self.cache_dir))
 
     def _chain(self, runs, with_b, makes_data):
         try:
             if runs.a_owner is None:
                 a = self._main(runs, 'A')
-                while makes_data and a.p.poll() is None and 'step 0/' not in log_tail(a.log, 10 ** 7):
+                while makes_data and a.p.poll() is None and 'step 0/' not in log_tail(a.log, 10**7):
                     time.sleep(0.2)  # fit prints its first step once the data is there
                 self.data_ready.set()
                 a.check()
             else:  # run A of the same config, earlier in this chain
                 assert runs.a_owner.a_done.is_set() and runs.a_owner.a_error is None, (
-                    f'run A of {runs.a_owner.variant} failed: {runs.a_owner.a_error}')
+                    f'run A of {runs.a_owner.variant} failed: {runs.a_owner.a_error}'
+                )
             runs.a_done.set()
             if not with_b:
                 return
             b1 = self._main(runs, 'B1', paused=True)
             marker = os.path.join(runs.workdirs['B'], runs.stage, 'checkpoints', '4', 'commit_success.txt')
             deadline = time.time() + TIMEOUT_S
-            while not (os.path.exists(marker) and f'PAUSED at step {PAUSE_AT}' in log_tail(b1.log, 10 ** 7)):
+            while not (os.path.exists(marker) and f'PAUSED at step {PAUSE_AT}' in log_tail(b1.log, 10**7)):
                 assert b1.p.poll() is None, f'run B exited before the kill:\n{log_tail(b1.log)}'
                 assert time.time() < deadline, f'run B never paused:\n{log_tail(b1.log)}'
                 time.sleep(0.1)
@@ -220,8 +260,9 @@ class _Background:
 
     def wait(self, runs, event):
         assert event.wait(2 * TIMEOUT_S * len(self.runs)), 'background runs timed out'
-        if runs.error is not None and (event is runs.b_done or not os.path.isdir(
-                os.path.join(runs.workdirs['A'], 'export'))):
+        if runs.error is not None and (
+            event is runs.b_done or not os.path.isdir(os.path.join(runs.workdirs['A'], 'export'))
+        ):
             raise AssertionError(f'background runs {runs.variant} failed: {runs.error}')
 
     def close(self):
@@ -307,6 +348,7 @@ def resumed_runs(request, train_runs):
 
 def restore_raw(path):
     import orbax.checkpoint as ocp
+
     with ocp.StandardCheckpointer() as ckptr:
         return jax.device_get(ckptr.restore(path))
 
@@ -315,6 +357,5 @@ def assert_bitwise_equal(a, b, what):
     fa = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(a)}
     fb = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(b)}
     assert fa.keys() == fb.keys(), what
-    diffs = {k: float(np.max(np.abs(fa[k].astype(np.float64) - fb[k]))) for k in fa
-             if not np.array_equal(fa[k], fb[k])}
+    diffs = {k: float(np.max(np.abs(fa[k].astype(np.float64) - fb[k]))) for k in fa if not np.array_equal(fa[k], fb[k])}
     assert not diffs, f'{what}: not bitwise equal, max |diff| per leaf: {diffs}'

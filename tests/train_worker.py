@@ -16,6 +16,7 @@ process), every number the tests need in OUT_DIR/result.json and that state in O
 
 main.py itself, except that stage STAGE sleeps after its step STEP (see main_paused).
 """
+
 import json
 import os
 import sys
@@ -23,9 +24,9 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import jax
-import ml_collections
-import numpy as np
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
 
 # Shared with the tests of training (which import this module for them).
 VAE = dict(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 4))
@@ -50,23 +51,31 @@ def _host_init(abstract, seed, std=None):
             return (rng.normal(0, 1, a.shape) * (std or 1 / np.sqrt(np.prod(a.shape[:-1])))).astype(a.dtype)
         ones = jax.tree_util.keystr(path).endswith("['scale']")
         return (np.ones if ones else np.zeros)(a.shape, a.dtype)
+
     return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
 def build():
     """(vqvae, var, tx, vae_params, var_params, batch, token_weights), all deterministic numpy."""
     import jax.numpy as jnp
+
     from var_jax import api, optim
+
     vqvae, var = api.build_models(VAE, VAR)
     tx = optim.make_optimizer(ml_collections.ConfigDict(OPTIM), TOTAL_STEPS, BATCH)
     R, L = vqvae.image_size, sum(p * p for p in var.patch_nums)
     key = jax.random.PRNGKey(SEED)
     vae_params = _host_init(jax.eval_shape(vqvae.init, key, jnp.zeros((1, R, R, 3)))['params'], 1)
-    var_params = _host_init(jax.eval_shape(var.init, key, jnp.zeros((1,), jnp.int32),
-                                           jnp.zeros((1, L - 1, var.cvae)))["params"], 2, std=0.02)
+    var_params = _host_init(
+        jax.eval_shape(var.init, key, jnp.zeros((1,), jnp.int32), jnp.zeros((1, L - 1, var.cvae)))['params'],
+        2,
+        std=0.02,
+    )
     rng = np.random.default_rng(0)
-    batch = {'image': rng.uniform(-1, 1, (BATCH, R, R, 3)).astype(np.float32),
-             'label': rng.integers(0, VAR['num_classes'], BATCH).astype(np.int32)}
+    batch = {
+        'image': rng.uniform(-1, 1, (BATCH, R, R, 3)).astype(np.float32),
+        'label': rng.integers(0, VAR['num_classes'], BATCH).astype(np.int32),
+    }
     weights = np.full(L, 1.0 / L, np.float32)
     return vqvae, var, tx, vae_params, var_params, batch, weights
 
@@ -97,10 +106,12 @@ def _sds(tree, sharding):
 
 def sharded_steps(out_dir):
     from concurrent.futures import ThreadPoolExecutor
+
     from var_jax import sharding
-    from var_jax.trainers import loop, transformer
     from var_jax.checkpoint import Checkpointer
     from var_jax.models.var import begin_ends
+    from var_jax.trainers import loop, transformer
+
     vqvae, var, tx, vae_params, var_params, batch, weights = build()
     host_state = jax.device_get(loop.new_state(var_params, tx, SEED))
     step = transformer.make_step(vqvae, var, tx, label_smoothing=LABEL_SMOOTHING)
@@ -114,12 +125,21 @@ def sharded_steps(out_dir):
         shardings = sharding.param_sharding(mesh, host_state, min_size=1)
         rep, bsh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
         data_sh = {'image': bsh, 'label': bsh}
-        jitted = jax.jit(step, in_shardings=(shardings, rep, data_sh, rep), out_shardings=(shardings, rep),
-                         donate_argnums=0)
-        compiled = jitted.lower(sharding.with_shardings(host_state, shardings), _sds(vae_params, rep),
-                                {k: _sds(v, bsh) for k, v in batch.items()}, _sds(weights[:n_tokens], rep)).compile()
-        put = lambda st, b=batch, w=weights: (jax.device_put(st, shardings), jax.device_put(vae_params, rep),
-                                              sharding.global_batch(b, mesh), jax.device_put(w, rep))
+        jitted = jax.jit(
+            step, in_shardings=(shardings, rep, data_sh, rep), out_shardings=(shardings, rep), donate_argnums=0
+        )
+        compiled = jitted.lower(
+            sharding.with_shardings(host_state, shardings),
+            _sds(vae_params, rep),
+            {k: _sds(v, bsh) for k, v in batch.items()},
+            _sds(weights[:n_tokens], rep),
+        ).compile()
+        put = lambda st, b=batch, w=weights: (
+            jax.device_put(st, shardings),
+            jax.device_put(vae_params, rep),
+            sharding.global_batch(b, mesh),
+            jax.device_put(w, rep),
+        )
         return compiled, put
 
     # The progressive stages short of the full sequence end at these scale boundaries.
@@ -142,10 +162,15 @@ def sharded_steps(out_dir):
             metrics.append({k: float(v) for k, v in jax.device_get(m).items()})
         qkv = state['params']['blocks']['attn']['mat_qkv']['kernel']  # stacked: (depth, C, 3C)
         res['meshes'][name] = dict(
-            mesh_shape=dict(state['step'].sharding.mesh.shape), metrics=metrics,
-            qkv_spec=str(tuple(qkv.sharding.spec)), qkv_shard_shape=list(qkv.addressable_shards[0].data.shape),
+            mesh_shape=dict(state['step'].sharding.mesh.shape),
+            metrics=metrics,
+            qkv_spec=str(tuple(qkv.sharding.spec)),
+            qkv_shard_shape=list(qkv.addressable_shards[0].data.shape),
             n_split_leaves=sum(any(ax is not None for ax in a.sharding.spec) for a in jax.tree.leaves(state)),
-            n_leaves=len(jax.tree.leaves(state)), nonfinite=bool(state['nonfinite']), step=int(state['step']))
+            n_leaves=len(jax.tree.leaves(state)),
+            nonfinite=bool(state['nonfinite']),
+            step=int(state['step']),
+        )
         finals[name] = jax.device_get(state)
         if name == 'fsdp4':
             with Checkpointer(os.path.join(out_dir, 'ckpt'), save_every=1) as ckpt:
@@ -166,10 +191,14 @@ def sharded_steps(out_dir):
     def guarded_step(state_host, b=batch):
         after, m = fn(*put(state_host, b))
         after = jax.device_get(after)
-        return dict(loss=float(m['loss']), grad_norm=float(m['grad_norm']), nonfinite=bool(after['nonfinite']),
-                    params_unchanged=_tree_equal(after['params'], state_host['params']),
-                    opt_state_unchanged=_tree_equal(after['opt_state'], state_host['opt_state']),
-                    step=int(after['step'])), after
+        return dict(
+            loss=float(m['loss']),
+            grad_norm=float(m['grad_norm']),
+            nonfinite=bool(after['nonfinite']),
+            params_unchanged=_tree_equal(after['params'], state_host['params']),
+            opt_state_unchanged=_tree_equal(after['opt_state'], state_host['opt_state']),
+            step=int(after['step']),
+        ), after
 
     guard = {}
     guard['finite'], _ = guarded_step(host_state)
@@ -190,14 +219,17 @@ def sharded_steps(out_dir):
     for end in cuts:
         w = weights.copy()
         w[end:] = 0
-        w[end - 2:end] *= 0.3
+        w[end - 2 : end] *= 0.3
         cut_fn, cut_put = compiled_cuts[end]
         cut, m_cut = cut_fn(*cut_put(host_state, w=w[:end]))
         full, m_full = fn(*put(host_state, w=w))
-        res['truncated'][end] = {k: {n: float(v) for n, v in jax.device_get(m).items()}
-                                 for k, m in (('cut', m_cut), ('full', m_full))}
-        np.savez(os.path.join(out_dir, f'truncated_{end}.npz'),
-                 **{f'{k}{p}': v for k, st in (('cut', cut), ('full', full)) for p, v in _flat(st['params']).items()})
+        res['truncated'][end] = {
+            k: {n: float(v) for n, v in jax.device_get(m).items()} for k, m in (('cut', m_cut), ('full', m_full))
+        }
+        np.savez(
+            os.path.join(out_dir, f'truncated_{end}.npz'),
+            **{f'{k}{p}': v for k, st in (('cut', cut), ('full', full)) for p, v in _flat(st['params']).items()},
+        )
     with open(os.path.join(out_dir, 'result.json'), 'w') as f:
         json.dump(res, f, indent=1)
 
@@ -206,8 +238,11 @@ def main_paused(stage, pause_at, argv):
     """main.py with its own flags, except that `stage` waits after its step `pause_at` (once its newest
     checkpoint is on disk), so that the test's SIGKILL or SIGTERM lands mid-run for sure."""
     import time
+
     from absl import app
+
     from var_jax import checkpoint
+
     save = checkpoint.Checkpointer.save
 
     def paused_save(self, step, state, force=False):
@@ -223,6 +258,7 @@ def main_paused(stage, pause_at, argv):
     checkpoint.Checkpointer.save = paused_save
     sys.argv = [os.path.join(REPO, 'main.py')] + argv
     import main as main_module
+
     app.run(main_module.main, flags_parser=main_module.parse_flags)
 
 
@@ -230,7 +266,9 @@ def main_interrupted(stage, at, argv):
     """main.py with its own flags, except that Ctrl-C (KeyboardInterrupt) arrives right after `stage` has
     started writing its checkpoint of step `at` asynchronously: the save is still in flight."""
     from absl import app
+
     from var_jax import checkpoint
+
     save = checkpoint.Checkpointer.save
 
     def interrupted_save(self, step, state, force=False):
@@ -242,6 +280,7 @@ def main_interrupted(stage, at, argv):
     checkpoint.Checkpointer.save = interrupted_save
     sys.argv = [os.path.join(REPO, 'main.py')] + argv
     import main as main_module
+
     app.run(main_module.main, flags_parser=main_module.parse_flags)
 
 

@@ -8,6 +8,7 @@
 
 The models are plain Flax linen modules; these helpers only add input checks and jit.
 """
+
 import functools
 from typing import Mapping, Optional, Sequence
 
@@ -15,9 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from var_jax import checkpoint
-from var_jax.tokenize import check_idx, check_images, check_labels, decode, encode  # noqa: F401 (the API)
 from var_jax.models.var import PATCH_NUMS_256, VAR
 from var_jax.models.vqvae import VQVAE
+from var_jax.tokenize import check_idx, check_images, check_labels, decode, encode  # noqa: F401 (the API)
 
 
 def build_models(vae_kwargs: Mapping, var_kwargs: Mapping):
@@ -31,8 +32,10 @@ def build_models(vae_kwargs: Mapping, var_kwargs: Mapping):
     var_kwargs = _tuples(var_kwargs)
     for k, v in shared.items():
         if k in var_kwargs and var_kwargs[k] != v:
-            raise ValueError(f'VAR {k}={var_kwargs[k]} differs from the tokenizer\'s {v}; '
-                             f'the transformer predicts the tokenizer\'s tokens, so set them equal')
+            raise ValueError(
+                f"VAR {k}={var_kwargs[k]} differs from the tokenizer's {v}; "
+                f"the transformer predicts the tokenizer's tokens, so set them equal"
+            )
     return vqvae, VAR(**(shared | var_kwargs))
 
 
@@ -55,6 +58,7 @@ def init_params(vqvae: VQVAE, var: VAR, key):
 def load_official(vae_path: str, var_path: Optional[str] = None, patch_nums: Sequence[int] = PATCH_NUMS_256):
     """Official .pth files (or already-loaded state dicts) -> (vqvae, vae_params, var, var_params)."""
     from var_jax import convert  # the only torch reader, imported when official files are read
+
     vae_sd = convert.load_torch_state_dict(vae_path) if isinstance(vae_path, str) else vae_path
     vae_cfg, vae_params = convert.convert_vae(vae_sd, patch_nums)
     vqvae = VQVAE(**vae_cfg)
@@ -90,5 +94,6 @@ def teacher_forcing_logits(vqvae: VQVAE, vae_params, var: VAR, var_params, idx, 
         idx = encode(vqvae, vae_params, idx)
     check_idx(idx, vqvae.patch_nums, vqvae.vocab_size)
     check_labels(labels, var.num_classes, allow_null=True)
-    return _logits(vqvae, vae_params, var, var_params, [jnp.asarray(i, jnp.int32) for i in idx],
-                   jnp.asarray(labels, jnp.int32))
+    return _logits(
+        vqvae, vae_params, var, var_params, [jnp.asarray(i, jnp.int32) for i in idx], jnp.asarray(labels, jnp.int32)
+    )

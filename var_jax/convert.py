@@ -10,6 +10,7 @@ torch is imported only to read .pth files:
 
     python -m var_jax.convert --vae vae_ch160v4096z32.pth --var var_d16.pth --out DIR
 """
+
 import argparse
 import os
 import re
@@ -22,15 +23,13 @@ import numpy as np
 from flax import traverse_util
 
 from var_jax import checkpoint
+from var_jax.errors import MissingFileError, UserError
 from var_jax.fileio import atomic_write
 from var_jax.models import inception, lpips
 from var_jax.models.quantizer import validate_patch_nums
 from var_jax.models.stacking import BLOCKS, stack_blocks, unstack_blocks
-from var_jax.models.var import (PATCH_NUMS_256, PATCH_NUMS_512, VAR, block_causal_mask, level_ids,
-                                var_config_for_depth)
+from var_jax.models.var import PATCH_NUMS_256, PATCH_NUMS_512, VAR, block_causal_mask, level_ids, var_config_for_depth
 from var_jax.models.vqvae import VQVAE
-from var_jax.errors import MissingFileError, UserError
-
 
 # Official module paths -> ours (applied in order; remaining dots become path separators).
 _RENAMES = (
@@ -57,22 +56,28 @@ def load_torch_state_dict(path: str) -> dict:
     try:
         import torch
     except ImportError as e:
-        raise ImportError('reading .pth checkpoints needs PyTorch: pip install torch '
-                          '(CPU is enough), or pass a mapping of key -> array instead') from e
+        raise ImportError(
+            'reading .pth checkpoints needs PyTorch: pip install torch '
+            '(CPU is enough), or pass a mapping of key -> array instead'
+        ) from e
     if not os.path.isfile(path):
         raise MissingFileError(f'{path} not found: give the path of an official .pth file')
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a file that is not a checkpoint
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f'{path} is not a readable PyTorch checkpoint ({reason}); give an official .pth file '
-                        f'(a truncated download: fetch it again)') from None
+        raise UserError(
+            f'{path} is not a readable PyTorch checkpoint ({reason}); give an official .pth file '
+            f'(a truncated download: fetch it again)'
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get('trainer'), dict):  # train.py checkpoint: {'trainer': {...}}
         trainer = obj['trainer']
         obj = trainer.get('var_wo_ddp', trainer.get('vae_local'))
     if not (isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values())):
-        raise UserError(f'{path} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors); '
-                        f'give an official .pth file such as vae_ch160v4096z32.pth or var_d16.pth')
+        raise UserError(
+            f'{path} holds a {type(obj).__name__}, not a state dict (a mapping of names to tensors); '
+            f'give an official .pth file such as vae_ch160v4096z32.pth or var_d16.pth'
+        )
     return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy() for k, v in obj.items()}
 
 
@@ -101,8 +106,9 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params, 
     """
     stacked = BLOCKS in abstract_params
     if stacked:
-        abstract_params = unstack_blocks(jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype),
-                                                      abstract_params))
+        abstract_params = unstack_blocks(
+            jax.tree.map(lambda t: jax.ShapeDtypeStruct(t.shape, t.dtype), abstract_params)
+        )
     expected = {'/'.join(k): v.shape for k, v in traverse_util.flatten_dict(abstract_params).items()}
     out, unexpected, misshaped = {}, [], []
     for key, value in state_dict.items():
@@ -111,16 +117,18 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params, 
         path = _our_path(key)
         module, _, leaf = path.rpartition('/')
         # torch 'weight' is our kernel (conv, linear), scale (norm), embedding (table) or a raw param.
-        candidates = [path] + ([f'{module}/{n}' for n in ('kernel', 'scale', 'embedding')] + [module]
-                               if leaf == 'weight' else [])
+        candidates = [path] + (
+            [f'{module}/{n}' for n in ('kernel', 'scale', 'embedding')] + [module] if leaf == 'weight' else []
+        )
         target = next((c for c in candidates if c in expected), None)
         if target is None:
             unexpected.append(f'{key} {tuple(np.shape(value))}')
             continue
         converted = _convert_leaf(np.asarray(value), target.rpartition('/')[2], tuple(expected[target]))
         if converted is None:
-            misshaped.append(f'{key}: checkpoint {tuple(np.shape(value))}, model expects '
-                             f'{tuple(expected[target])} (as {target})')
+            misshaped.append(
+                f'{key}: checkpoint {tuple(np.shape(value))}, model expects {tuple(expected[target])} (as {target})'
+            )
             out[target] = None  # reported as mis-shaped, not also as missing
             continue
         out[target] = converted.astype(np.float32, copy=False)
@@ -130,8 +138,10 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], abstract_params, 
         for title, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped)):
             if items:
                 lines.append(f'  {len(items)} {title}: ' + '; '.join(items[:50]) + (' ...' if len(items) > 50 else ''))
-        lines.append('check that the file is an official VAR/VQVAE state dict and that patch_nums '
-                     '(--patch_nums) matches the model (256 px: 1..16, 512 px: 1..32)')
+        lines.append(
+            'check that the file is an official VAR/VQVAE state dict and that patch_nums '
+            '(--patch_nums) matches the model (256 px: 1..16, 512 px: 1..32)'
+        )
         raise CheckpointMismatchError('\n'.join(lines))
     params = traverse_util.unflatten_dict({tuple(k.split('/')): v for k, v in out.items()})
     return stack_blocks(params) if stacked else params
@@ -165,16 +175,19 @@ def infer_vae_config(state_dict, patch_nums: Sequence[int] = PATCH_NUMS_256, qua
     return dict(
         vocab_size=int(state_dict['quantize.embedding.weight'].shape[0]),
         z_channels=int(state_dict['encoder.conv_out.weight'].shape[0]),
-        ch=int(ch), ch_mult=ch_mult,
+        ch=int(ch),
+        ch_mult=ch_mult,
         num_res_blocks=_count_indices(state_dict, r'^encoder\.down\.0\.block\.(\d+)\.'),
-        patch_nums=validate_patch_nums(patch_nums), quant_resi=resi, share_quant_resi=share,
+        patch_nums=validate_patch_nums(patch_nums),
+        quant_resi=resi,
+        share_quant_resi=share,
         quant_conv_ks=int(state_dict['quant_conv.weight'].shape[-1]) if 'quant_conv.weight' in state_dict else 3,
         using_sa=f'encoder.down.{levels - 1}.attn.0.qkv.weight' in state_dict,
-        using_mid_sa='encoder.mid.attn_1.qkv.weight' in state_dict)
+        using_mid_sa='encoder.mid.attn_1.qkv.weight' in state_dict,
+    )
 
 
-def infer_var_config(state_dict, patch_nums: Sequence[int] = PATCH_NUMS_256,
-                     num_heads: Optional[int] = None) -> dict:
+def infer_var_config(state_dict, patch_nums: Sequence[int] = PATCH_NUMS_256, num_heads: Optional[int] = None) -> dict:
     """VAR constructor arguments from the keys and shapes of an official VAR state dict.
 
     The head count is read off scale_mul_1H11 (l2-norm attention, every official model). Without it no
@@ -186,22 +199,30 @@ def infer_var_config(state_dict, patch_nums: Sequence[int] = PATCH_NUMS_256,
     if l2:
         heads = int(state_dict['blocks.0.attn.scale_mul_1H11'].shape[1])
         if num_heads is not None and num_heads != heads:
-            raise CheckpointMismatchError(f'num_heads={num_heads} but the checkpoint\'s scale_mul_1H11 has {heads} '
-                                          f'heads; drop --num_heads')
+            raise CheckpointMismatchError(
+                f"num_heads={num_heads} but the checkpoint's scale_mul_1H11 has {heads} heads; drop --num_heads"
+            )
     elif num_heads is None:
         raise CheckpointMismatchError(
             'this VAR has attention without l2 norm (no blocks.*.attn.scale_mul_1H11), so its head count cannot '
-            'be read off the tensors; pass num_heads (--num_heads; the official family uses num_heads = depth)')
+            'be read off the tensors; pass num_heads (--num_heads; the official family uses num_heads = depth)'
+        )
     else:
         heads = num_heads
     depth = _count_indices(state_dict, r'^blocks\.(\d+)\.')
     return dict(
-        vocab_size=int(state_dict['head.weight'].shape[0]), cvae=int(cvae),
+        vocab_size=int(state_dict['head.weight'].shape[0]),
+        cvae=int(cvae),
         num_classes=int(state_dict['class_emb.weight'].shape[0]) - 1,
-        depth=depth, embed_dim=int(C), num_heads=int(heads),
+        depth=depth,
+        embed_dim=int(C),
+        num_heads=int(heads),
         mlp_ratio=state_dict['blocks.0.ffn.fc1.weight'].shape[0] / C,
-        shared_aln='shared_ada_lin.1.weight' in state_dict, attn_l2_norm=l2,
-        drop_path_rate=var_config_for_depth(depth)['drop_path_rate'], patch_nums=validate_patch_nums(patch_nums))
+        shared_aln='shared_ada_lin.1.weight' in state_dict,
+        attn_l2_norm=l2,
+        drop_path_rate=var_config_for_depth(depth)['drop_path_rate'],
+        patch_nums=validate_patch_nums(patch_nums),
+    )
 
 
 def _abstract_params(model, *args):
@@ -231,14 +252,17 @@ def convert_var(state_dict, patch_nums: Sequence[int] = PATCH_NUMS_256, num_head
     cfg = infer_var_config(state_dict, patch_nums, num_heads)
     L = sum(p * p for p in cfg['patch_nums'])
     if cfg['embed_dim'] % cfg['num_heads']:
-        raise CheckpointMismatchError(f"width {cfg['embed_dim']} is not divisible by {cfg['num_heads']} heads; "
-                                      f"pass num_heads")
+        raise CheckpointMismatchError(
+            f'width {cfg["embed_dim"]} is not divisible by {cfg["num_heads"]} heads; pass num_heads'
+        )
     if 'pos_1LC' in state_dict and state_dict['pos_1LC'].shape[1] != L:
         raise CheckpointMismatchError(
-            f"the checkpoint has {state_dict['pos_1LC'].shape[1]} tokens but patch_nums {cfg['patch_nums']} "
-            f"give {L}; pass the patch_nums it was trained with (256 px: {PATCH_NUMS_256}, 512 px: {PATCH_NUMS_512})")
-    if 'lvl_1L' in state_dict and not np.array_equal(np.asarray(state_dict['lvl_1L']).reshape(-1),
-                                                     level_ids(cfg['patch_nums'])):
+            f'the checkpoint has {state_dict["pos_1LC"].shape[1]} tokens but patch_nums {cfg["patch_nums"]} '
+            f'give {L}; pass the patch_nums it was trained with (256 px: {PATCH_NUMS_256}, 512 px: {PATCH_NUMS_512})'
+        )
+    if 'lvl_1L' in state_dict and not np.array_equal(
+        np.asarray(state_dict['lvl_1L']).reshape(-1), level_ids(cfg['patch_nums'])
+    ):
         raise CheckpointMismatchError('buffer lvl_1L does not match patch_nums; pass the right --patch_nums')
     if 'attn_bias_for_masking' in state_dict:
         visible = np.asarray(state_dict['attn_bias_for_masking']).reshape(L, L) == 0
@@ -261,8 +285,12 @@ def default_patch_nums(var_state_dict=None) -> tuple:
 
 
 # --- LPIPS-VGG (the tokenizer's perceptual loss) ----------------------------------------------
-def convert_files(vae_path: str, var_path: Optional[str] = None, patch_nums: Optional[Sequence[int]] = None,
-                  num_heads: Optional[int] = None):
+def convert_files(
+    vae_path: str,
+    var_path: Optional[str] = None,
+    patch_nums: Optional[Sequence[int]] = None,
+    num_heads: Optional[int] = None,
+):
     """Official .pth files -> ({'vae': kwargs[, 'var': kwargs]}, {'vae': params[, 'var': params]}), what
     `checkpoint.save_pretrained` writes; patch_nums defaults to the VAR's schedule (`default_patch_nums`)."""
     var_sd = load_torch_state_dict(var_path) if var_path else None
@@ -274,8 +302,9 @@ def convert_files(vae_path: str, var_path: Optional[str] = None, patch_nums: Opt
         cfgs['var'] = var_cfg
         if (var_cfg['vocab_size'], var_cfg['cvae']) != (vae_cfg['vocab_size'], vae_cfg['z_channels']):
             raise CheckpointMismatchError(
-                f"the VAR expects vocabulary {var_cfg['vocab_size']} and Cvae {var_cfg['cvae']} but the VQVAE has "
-                f"{vae_cfg['vocab_size']} and {vae_cfg['z_channels']}: use the tokenizer it was trained with")
+                f'the VAR expects vocabulary {var_cfg["vocab_size"]} and Cvae {var_cfg["cvae"]} but the VQVAE has '
+                f'{vae_cfg["vocab_size"]} and {vae_cfg["z_channels"]}: use the tokenizer it was trained with'
+            )
     return cfgs, params
 
 
@@ -285,8 +314,9 @@ def _read_lpips_pth(path: str) -> dict:
     except ImportError:
         raise
     except Exception as e:  # torch.load's errors: truncated file, not a state dict, ...
-        raise lpips.LPIPSWeightsError(f'{path} is not a readable PyTorch state dict ({type(e).__name__}: {e}). '
-                                      f'{lpips.WHERE_TO_GET}') from e
+        raise lpips.LPIPSWeightsError(
+            f'{path} is not a readable PyTorch state dict ({type(e).__name__}: {e}). {lpips.WHERE_TO_GET}'
+        ) from e
 
 
 def convert_lpips(vgg16_path: str, lin_path: str, out_path: str) -> None:
@@ -343,17 +373,25 @@ def main(argv=None):
 def _main(argv):
     p = argparse.ArgumentParser(
         description='Convert official PyTorch weights (.pth) to var_jax files: VQVAE (+ VAR) to a params '
-                    'directory (--vae [--var] --out DIR), or the LPIPS-VGG weights to one .npz '
-                    '(--lpips_vgg16 --lpips_lin --out FILE.npz).')
+        'directory (--vae [--var] --out DIR), or the LPIPS-VGG weights to one .npz '
+        '(--lpips_vgg16 --lpips_lin --out FILE.npz).'
+    )
     p.add_argument('--vae', help='official VQVAE state dict, e.g. vae_ch160v4096z32.pth')
     p.add_argument('--var', help='official VAR state dict, e.g. var_d16.pth')
     p.add_argument('--out', required=True, help='output directory (orbax params + model.json) or .npz')
-    p.add_argument('--patch_nums', default=None,
-                   help='comma-separated scale sides; default: the 256-px schedule (the 512-px one for L=2240)')
-    p.add_argument('--num_heads', type=int, default=None,
-                   help='heads of a VAR without l2-norm attention (its tensors do not fix the count)')
+    p.add_argument(
+        '--patch_nums',
+        default=None,
+        help='comma-separated scale sides; default: the 256-px schedule (the 512-px one for L=2240)',
+    )
+    p.add_argument(
+        '--num_heads',
+        type=int,
+        default=None,
+        help='heads of a VAR without l2-norm attention (its tensors do not fix the count)',
+    )
     p.add_argument('--lpips_vgg16', help=f'torchvision VGG16 state dict, {lpips.VGG16_FILE}')
-    p.add_argument('--lpips_lin', help=f'the lpips package\'s weights/v0.1/{lpips.LIN_FILE}')
+    p.add_argument('--lpips_lin', help=f"the lpips package's weights/v0.1/{lpips.LIN_FILE}")
     p.add_argument('--inception', help=f'the FID Inception of pytorch-fid, {inception.PTH_FILE} (--out FILE.npz)')
     args = p.parse_args(argv)
     if args.inception:

@@ -2,6 +2,7 @@
 temperature, top-k and top-p as thresholds found by search (no sort), and one categorical draw per row.
 Traced per target platform (`platform.target_platform()`): the searches' width and the draw's method
 differ between CPU and TPU / GPU, the thresholds and the distribution do not."""
+
 from typing import Optional
 
 import jax
@@ -37,17 +38,19 @@ def _largest_true(pred, shape, unroll: int = 1):
     to compile), all of them for benchmarks/aot.py, since XLA's cost analysis counts a loop body once.
     """
     bits = SEARCH_BITS[target_platform()]
-    digits = jnp.arange(1, 2 ** bits, dtype=jnp.uint32)
+    digits = jnp.arange(1, 2**bits, dtype=jnp.uint32)
 
     def body(i, t):
         shift = (32 - bits * (i + 1)).astype(jnp.uint32)
         ok = pred(t + (digits << shift))
         return t + (jnp.sum(ok, axis=-1, keepdims=True).astype(jnp.uint32) << shift)
+
     return jax.lax.fori_loop(0, 32 // bits, body, jnp.zeros(shape, jnp.uint32), unroll=unroll)
 
 
-def filter_logits(logits, *, top_k: int = 0, top_p=0.0, temperature=1.0, use_top_p: Optional[bool] = None,
-                  search_unroll: int = 1):
+def filter_logits(
+    logits, *, top_k: int = 0, top_p=0.0, temperature=1.0, use_top_p: Optional[bool] = None, search_unroll: int = 1
+):
     """Temperature, then top-k, then top-p; removed entries become -inf (official order: sample_with_top_k_top_p_).
 
     top_k (static int, 0 = off): keep logits >= the k-th largest (ties kept, so > k may survive).
@@ -73,7 +76,7 @@ def filter_logits(logits, *, top_k: int = 0, top_p=0.0, temperature=1.0, use_top
     if top_k <= 0 and not use_top_p:
         return logits
     rows = logits.shape[:-1] + (1,)
-    each = lambda x: x[..., None, :]        # (..., 1, V) against candidates (..., m, 1)
+    each = lambda x: x[..., None, :]  # (..., 1, V) against candidates (..., m, 1)
     if top_k > 0:
         key = _order_key(logits)
         kth = _largest_true(lambda t: jnp.sum(each(key) >= t[..., None], axis=-1) >= top_k, rows, search_unroll)
@@ -103,9 +106,11 @@ def categorical(key, logits):
     return jnp.sum(cdf <= u, axis=-1).astype(jnp.int32)  # first entry whose cdf exceeds u
 
 
-def sample_logits(key, logits, *, top_k: int = 0, top_p=0.0, temperature=1.0, use_top_p: Optional[bool] = None,
-                  search_unroll: int = 1):
+def sample_logits(
+    key, logits, *, top_k: int = 0, top_p=0.0, temperature=1.0, use_top_p: Optional[bool] = None, search_unroll: int = 1
+):
     """Draws one token per row of `logits` (..., V) after `filter_logits`: (idx int32, filtered logits)."""
-    masked = filter_logits(logits, top_k=top_k, top_p=top_p, temperature=temperature, use_top_p=use_top_p,
-                           search_unroll=search_unroll)
+    masked = filter_logits(
+        logits, top_k=top_k, top_p=top_p, temperature=temperature, use_top_p=use_top_p, search_unroll=search_unroll
+    )
     return categorical(key, masked), masked

@@ -11,6 +11,7 @@ scores them against the reference statistics (`reference_stats.py`) and writes e
 TensorBoard scalars (eval/tb) and the samples as an ADM sample batch (eval/samples_NxRxRx3.npz,
 uint8 NHWC in arr_0, labels in arr_1) for a cross-check with the ADM suite.
 """
+
 import json
 import os
 import time
@@ -21,9 +22,9 @@ import jax
 import numpy as np
 
 from var_jax import checkpoint, generate, metrics, reference_stats, sample_batches, sharding
+from var_jax.errors import ConfigError, MissingFileError, UserError
 from var_jax.fileio import atomic_write
 from var_jax.models import inception
-from var_jax.errors import ConfigError, MissingFileError, UserError
 
 SAMPLE_KEYS = ('cfg', 'top_k', 'top_p', 'temperature', 'more_smooth', 'seed', 'labels')
 
@@ -36,12 +37,16 @@ def check_settings(config) -> int:
     """Shard size (a multiple of the device count); refuses settings that cannot evaluate (preflight calls it)."""
     e, n_dev = config.eval, jax.device_count()
     if e.num_images < max(e.is_splits, e.pr_k + 1, 2):
-        raise ConfigError(f'eval.num_images={e.num_images} is too small: the Inception Score takes '
-                         f'eval.is_splits={e.is_splits} splits and precision/recall k={e.pr_k} neighbours')
+        raise ConfigError(
+            f'eval.num_images={e.num_images} is too small: the Inception Score takes '
+            f'eval.is_splits={e.is_splits} splits and precision/recall k={e.pr_k} neighbours'
+        )
     if e.batch_size < 1 or e.num_images % e.batch_size:
         fits = max(d for d in range(1, max(e.batch_size, 1) + 1) if e.num_images % d == 0)
-        raise ConfigError(f'eval.num_images={e.num_images} is not divisible by eval.batch_size={e.batch_size}: '
-                         f'every shard must be a full batch; choose e.g. --config.eval.batch_size={fits}')
+        raise ConfigError(
+            f'eval.num_images={e.num_images} is not divisible by eval.batch_size={e.batch_size}: '
+            f'every shard must be a full batch; choose e.g. --config.eval.batch_size={fits}'
+        )
     if e.batch_size % n_dev:
         raise ConfigError(f'eval.batch_size={e.batch_size} must be a multiple of the {n_dev} devices')
     return e.batch_size
@@ -51,6 +56,7 @@ def _load_inception(path: str):
     """FID-Inception params from the converted .npz, or (needs torch) straight from pytorch-fid's .pth."""
     if path.endswith('.pth'):
         from var_jax import convert
+
         if not os.path.isfile(path):
             raise MissingFileError(f'Inception weights {path} not found. {inception.WHERE_TO_GET}')
         return convert.convert_inception(convert.load_torch_state_dict(path))
@@ -71,7 +77,8 @@ def _load_shard(path: str, batch: int, size: int) -> Optional[dict]:
     except (OSError, ValueError, zipfile.BadZipFile):
         return None
     ok = shard.get('images', np.zeros(0)).shape == (batch, size, size, 3) and all(
-        k in shard and len(shard[k]) == batch for k in ('labels',) + metrics.InceptionFeatures.KEYS)
+        k in shard and len(shard[k]) == batch for k in ('labels',) + metrics.InceptionFeatures.KEYS
+    )
     return shard if ok else None
 
 
@@ -84,7 +91,8 @@ def _check_settings(shard_dir: str, settings: dict) -> None:
         if diff:
             raise EvalSettingsError(
                 f'{shard_dir} holds samples of another evaluation; differing settings (on disk, now): {diff}. '
-                f'Delete {shard_dir} to start over, or evaluate in another --workdir')
+                f'Delete {shard_dir} to start over, or evaluate in another --workdir'
+            )
     elif jax.process_index() == 0:
         os.makedirs(shard_dir, exist_ok=True)
         checkpoint.atomic_write_json(path, settings)
@@ -93,6 +101,7 @@ def _check_settings(shard_dir: str, settings: dict) -> None:
 def _sample_shards(config, workdir, models, extractor, settings, batch: int) -> tuple:
     """Samples every missing shard; returns (shard paths, images per second of this run)."""
     from tqdm import tqdm
+
     e, s = config.eval, config.sample
     vqvae, vae_params, var, var_params = models
     shard_dir = os.path.join(workdir, 'eval', 'samples')
@@ -108,15 +117,22 @@ def _sample_shards(config, workdir, models, extractor, settings, batch: int) -> 
         print(f'eval: {n - len(todo)} of {n} shards already sampled in {shard_dir}; sampling the rest', flush=True)
     t0 = time.time()
     bar = tqdm(total=n, initial=n - len(todo), desc='eval sampling', unit='shard', disable=jax.process_index() != 0)
-    batches = sample_batches.sample_batches(models, labels, jax.random.PRNGKey(s.seed), sample_batches.settings(s),
-                                            batch_size=batch, mesh=mesh, batches=todo)
+    batches = sample_batches.sample_batches(
+        models,
+        labels,
+        jax.random.PRNGKey(s.seed),
+        sample_batches.settings(s),
+        batch_size=batch,
+        mesh=mesh,
+        batches=todo,
+    )
     for done, (i, _, out) in enumerate(batches, 1):
         images = to_uint8(out['images'])
         feats = extractor(images)
         images = sharding.to_host(images)  # a collective: every host, before process 0 writes
         if jax.process_index() == 0:
             with atomic_write(paths[i]) as tmp:
-                np.savez(tmp, images=images, labels=labels[i * batch:(i + 1) * batch], **feats)
+                np.savez(tmp, images=images, labels=labels[i * batch : (i + 1) * batch], **feats)
         bar.update(1)
         bar.set_postfix_str(f'{done * batch / (time.time() - t0):.1f} img/s')
     bar.close()
@@ -149,8 +165,9 @@ def score(shard_paths, ref: dict, config, mesh=None) -> dict:
             spatial.update(shard['spatial'])
             pool_feats.append(shard['pool'])
             logits.append(shard['logits_unbiased'])
-    return metrics.summarize(pool, spatial, np.concatenate(pool_feats), np.concatenate(logits), ref, e.is_splits,
-                             e.pr_k, mesh)
+    return metrics.summarize(
+        pool, spatial, np.concatenate(pool_feats), np.concatenate(logits), ref, e.is_splits, e.pr_k, mesh
+    )
 
 
 def run(config, workdir: str) -> dict:
@@ -167,8 +184,14 @@ def run(config, workdir: str) -> dict:
     size = models[0].image_size
     ref = reference_stats.reference_statistics(config, extractor, size)
     source = checkpoint.find_trained_var(workdir, config.init_from)
-    settings = {'checkpoint': source, 'num_images': e.num_images, 'batch_size': batch, 'image_size': size,
-                'inception': extractor.fingerprint, **{k: s[k] for k in SAMPLE_KEYS}}
+    settings = {
+        'checkpoint': source,
+        'num_images': e.num_images,
+        'batch_size': batch,
+        'image_size': size,
+        'inception': extractor.fingerprint,
+        **{k: s[k] for k in SAMPLE_KEYS},
+    }
     t0 = time.time()
     shard_paths, img_per_s = _sample_shards(config, workdir, models, extractor, settings, batch)
     t1 = time.time()
@@ -176,23 +199,34 @@ def run(config, workdir: str) -> dict:
     out_dir = os.path.join(workdir, 'eval')
     npz = os.path.join(out_dir, f'samples_{e.num_images}x{size}x{size}x3.npz')
     results.update(
-        num_images=e.num_images, image_size=size, checkpoint=source,
-        sampling={k: s[k] for k in SAMPLE_KEYS}, batch_size=batch,
+        num_images=e.num_images,
+        image_size=size,
+        checkpoint=source,
+        sampling={k: s[k] for k in SAMPLE_KEYS},
+        batch_size=batch,
         reference=dict(ref['settings'], stats_from=ref['stats_from'], num_images=int(len(ref['pool']))),
         inception={'path': os.path.abspath(e.inception_path), 'fingerprint': extractor.fingerprint},
-        samples_npz=npz, devices=jax.device_count(), backend=jax.default_backend(),
-        sampling_images_per_s=img_per_s, sampling_s=round(t1 - t0, 1), scoring_s=round(time.time() - t1, 1))
+        samples_npz=npz,
+        devices=jax.device_count(),
+        backend=jax.default_backend(),
+        sampling_images_per_s=img_per_s,
+        sampling_s=round(t1 - t0, 1),
+        scoring_s=round(time.time() - t1, 1),
+    )
     if jax.process_index() == 0:
         if e.write_npz:
             _write_adm_npz(npz, shard_paths, batch, size)
         checkpoint.atomic_write_json(os.path.join(out_dir, 'results.json'), results)
         from flax.metrics import tensorboard
+
         writer = tensorboard.SummaryWriter(os.path.join(out_dir, 'tb'))
         for k in ('fid', 'sfid', 'inception_score', 'precision', 'recall'):
             writer.scalar(f'eval/{k}', results[k], e.num_images)
         writer.close()
-        print(f'eval of {source} ({e.num_images} images, cfg {s.cfg}, top-k {s.top_k}, top-p {s.top_p}): '
-              f'FID {results["fid"]:.3f}  sFID {results["sfid"]:.3f}  IS {results["inception_score"]:.2f}  '
-              f'precision {results["precision"]:.3f}  recall {results["recall"]:.3f}  -> '
-              f'{os.path.join(out_dir, "results.json")}')
+        print(
+            f'eval of {source} ({e.num_images} images, cfg {s.cfg}, top-k {s.top_k}, top-p {s.top_p}): '
+            f'FID {results["fid"]:.3f}  sFID {results["sfid"]:.3f}  IS {results["inception_score"]:.2f}  '
+            f'precision {results["precision"]:.3f}  recall {results["recall"]:.3f}  -> '
+            f'{os.path.join(out_dir, "results.json")}'
+        )
     return results

@@ -1,4 +1,5 @@
 """Atomic file writes: a reader (or a run killed mid-write) sees the old file or the new one, never a torn one."""
+
 import contextlib
 import json
 import os

@@ -4,6 +4,7 @@ Models come from the run's export (workdir/export, written at the end of trainin
 run has none, from config.init_from (a converted official checkpoint). Settings are
 config.sample.* (`--config.sample.cfg=4 --config.sample.labels=1,2,3`).
 """
+
 import functools
 import math
 import os
@@ -13,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from var_jax import api, checkpoint, sample_batches, sharding
+from var_jax.errors import MissingFileError
 from var_jax.fileio import atomic_write
 from var_jax.images import save_png
 from var_jax.models.vqvae import VQVAE
-from var_jax.errors import MissingFileError
 
 
 def load_models(config, workdir: str):
@@ -27,7 +28,8 @@ def load_models(config, workdir: str):
         raise MissingFileError(
             f'nothing to sample from: none of {candidates} holds a trained VAR (model.json with a "var" '
             f'entry). Train first (python main.py --config=... --workdir={workdir}) or set '
-            f'--config.init_from to a directory written by python -m var_jax.convert --vae ... --var ...')
+            f'--config.init_from to a directory written by python -m var_jax.convert --vae ... --var ...'
+        )
     return api.load_pretrained(path)
 
 
@@ -45,6 +47,7 @@ def progression(vqvae: VQVAE, vae_params, idx):
 def run(config, workdir: str):
     """Samples config.sample.num_images images in batches; writes PNGs and tokens under workdir/samples."""
     from tqdm import tqdm
+
     s = config.sample
     vqvae, vae_params, var, var_params = load_models(config, workdir)
     labels = sample_batches.parse_labels(s.labels, s.num_images, var.num_classes)
@@ -53,10 +56,12 @@ def run(config, workdir: str):
     vae_params, var_params = jax.device_put((vae_params, var_params), sharding.replicated(mesh))
     models = (vqvae, vae_params, var, var_params)
     images, idx_all = [], []
-    batches = sample_batches.sample_batches(models, labels, jax.random.PRNGKey(s.seed),
-                                            sample_batches.settings(s), batch_size=batch, mesh=mesh)
-    for _, n, out in tqdm(batches, total=math.ceil(len(labels) / batch), desc='sampling', unit='batch',
-                          disable=jax.process_index() != 0):
+    batches = sample_batches.sample_batches(
+        models, labels, jax.random.PRNGKey(s.seed), sample_batches.settings(s), batch_size=batch, mesh=mesh
+    )
+    for _, n, out in tqdm(
+        batches, total=math.ceil(len(labels) / batch), desc='sampling', unit='batch', disable=jax.process_index() != 0
+    ):
         images.append(sharding.to_host(out['images'])[:n])
         idx_all.append([sharding.to_host(x)[:n] for x in out['idx']])
     images = np.concatenate(images)
@@ -74,8 +79,11 @@ def _write(config, workdir, vqvae, vae_params, var, labels, images, idx):
     n_prog = min(8, len(labels))
     prog = np.asarray(progression(vqvae, vae_params, [jnp.asarray(x[:n_prog]) for x in idx]))
     # One row per image, one column per scale (coarse to fine).
-    steps = save_png(os.path.join(out_dir, 'progression.png'),
-                     prog.transpose(1, 0, 2, 3, 4).reshape(-1, *prog.shape[2:]), ncols=len(var.patch_nums))
+    steps = save_png(
+        os.path.join(out_dir, 'progression.png'),
+        prog.transpose(1, 0, 2, 3, 4).reshape(-1, *prog.shape[2:]),
+        ncols=len(var.patch_nums),
+    )
     with atomic_write(os.path.join(out_dir, 'tokens.npz')) as tmp:
         np.savez(tmp, labels=labels, **{f'idx_{si:02d}': x for si, x in enumerate(idx)})
     print(f'wrote {grid}, {steps} and {os.path.join(out_dir, "tokens.npz")} ({len(labels)} images)')

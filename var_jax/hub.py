@@ -8,6 +8,7 @@ converted once (var_jax.convert, needs torch). The converted checkpoint is kept 
 second use loads it directly and a changed file is converted afresh. Nothing is fetched unless a name is
 asked for.
 """
+
 import hashlib
 import logging
 import os
@@ -15,15 +16,18 @@ import shutil
 from typing import Optional
 
 from var_jax import checkpoint
-from var_jax.models.var import PATCH_NUMS_512
 from var_jax.errors import MissingFileError
+from var_jax.models.var import PATCH_NUMS_512
 
 REPO_ID = 'FoundationVision/var'
 VAE_FILE = 'vae_ch160v4096z32.pth'
 # name -> the files it needs; 'vae' is the released tokenizer alone (the ImageNet recipes' init_from), with
 # the 256-px scale schedule, 'vae-512' the same file with the 512-px one (configs/var_d36.py).
-NAMES = {'vae': (VAE_FILE,), 'vae-512': (VAE_FILE,),
-         **{f'var-d{d}': (VAE_FILE, f'var_d{d}.pth') for d in (16, 20, 24, 30, 36)}}
+NAMES = {
+    'vae': (VAE_FILE,),
+    'vae-512': (VAE_FILE,),
+    **{f'var-d{d}': (VAE_FILE, f'var_d{d}.pth') for d in (16, 20, 24, 30, 36)},
+}
 PREFIX = 'hf:'
 CONVERTER_VERSION = 1  # part of the cache key: a converter that writes other params must not reuse old ones
 
@@ -35,8 +39,9 @@ def cache_root() -> str:
 
 def _check_name(name: str) -> tuple:
     if name not in NAMES:
-        raise ValueError(f'unknown pretrained name {name!r}; use one of {", ".join(NAMES)} '
-                         f'(files of huggingface.co/{REPO_ID})')
+        raise ValueError(
+            f'unknown pretrained name {name!r}; use one of {", ".join(NAMES)} (files of huggingface.co/{REPO_ID})'
+        )
     return NAMES[name]
 
 
@@ -48,16 +53,20 @@ def fetch(name: str, local_dir: Optional[str] = None) -> list:
         paths = [os.path.join(os.path.expanduser(local_dir), f) for f in files]
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
-            raise MissingFileError(f'{", ".join(missing)} not found: download {", ".join(files)} from '
-                                    f'huggingface.co/{REPO_ID} into {local_dir}, or drop the directory to fetch '
-                                    f'them with huggingface_hub')
+            raise MissingFileError(
+                f'{", ".join(missing)} not found: download {", ".join(files)} from '
+                f'huggingface.co/{REPO_ID} into {local_dir}, or drop the directory to fetch '
+                f'them with huggingface_hub'
+            )
         return paths
     try:
         import huggingface_hub
         from huggingface_hub import errors
     except ImportError:
-        raise ImportError(f'fetching {name!r} needs huggingface_hub: pip install huggingface_hub, or download '
-                          f'{", ".join(files)} and use hf:{name}:DIR') from None
+        raise ImportError(
+            f'fetching {name!r} needs huggingface_hub: pip install huggingface_hub, or download '
+            f'{", ".join(files)} and use hf:{name}:DIR'
+        ) from None
     paths = []
     for f in files:
         try:
@@ -66,10 +75,13 @@ def fetch(name: str, local_dir: Optional[str] = None) -> list:
             raise MissingFileError(
                 f'{f} of {REPO_ID} is not in the Hugging Face cache ({huggingface_hub.constants.HF_HUB_CACHE}) and '
                 f'cannot be downloaded (offline: HF_HUB_OFFLINE or no network); run once online, or download it '
-                f'and use hf:{name}:DIR') from None
+                f'and use hf:{name}:DIR'
+            ) from None
         except (errors.EntryNotFoundError, errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as e:
-            raise MissingFileError(f'huggingface.co/{REPO_ID} has no {f} ({type(e).__name__}); download the '
-                                    f'files by hand and use hf:{name}:DIR') from None
+            raise MissingFileError(
+                f'huggingface.co/{REPO_ID} has no {f} ({type(e).__name__}); download the '
+                f'files by hand and use hf:{name}:DIR'
+            ) from None
     return paths
 
 
@@ -92,6 +104,7 @@ def converted_dir(name: str, local_dir: Optional[str] = None) -> str:
     if os.path.exists(os.path.join(out, 'model.json')):  # written last: the directory is complete
         return out
     from var_jax import convert  # torch is needed only to convert
+
     logging.warning('converting %s (%s) into %s, once', name, ', '.join(paths), out)
     cfgs, params = convert.convert_files(*paths, patch_nums=PATCH_NUMS_512 if name == 'vae-512' else None)
     tmp = f'{out}.tmp{os.getpid()}'
@@ -107,7 +120,7 @@ def converted_dir(name: str, local_dir: Optional[str] = None) -> str:
 
 def parse(ref: str) -> tuple:
     """'hf:NAME' or 'hf:NAME:DIR' -> (NAME, DIR or None)."""
-    name, _, local_dir = ref[len(PREFIX):].partition(':')
+    name, _, local_dir = ref[len(PREFIX) :].partition(':')
     _check_name(name)
     return name, local_dir or None
 
@@ -123,6 +136,7 @@ def from_pretrained(name: str, local_dir: Optional[str] = None):
     """'var-d16' (... 'var-d36', or 'vae') -> (vqvae, vae_params, var, var_params), fetched and converted on
     first use (see the module docstring); var and var_params are None for 'vae'. 'hf:NAME[:DIR]' works too."""
     from var_jax import api
+
     if name.startswith(PREFIX):
         name, local_dir = parse(name) if local_dir is None else (parse(name)[0], local_dir)
     return api.load_pretrained(converted_dir(name, local_dir))

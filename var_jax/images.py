@@ -1,4 +1,5 @@
 """PNG image grids (what users look at during and after training and sampling)."""
+
 import math
 from typing import Optional
 
@@ -31,8 +32,9 @@ def padding_tile(height: int, width: int, channels: int = 3) -> np.ndarray:
     return t
 
 
-def image_grid(images, ncols: int = 8, pad: int = 2, upscale: Optional[int] = None,
-               min_tile: int = MIN_TILE) -> np.ndarray:
+def image_grid(
+    images, ncols: int = 8, pad: int = 2, upscale: Optional[int] = None, min_tile: int = MIN_TILE
+) -> np.ndarray:
     """(N, H, W, C) floats in [0, 1] -> one uint8 grid, `ncols` tiles wide, `pad`-px white gutters.
 
     Tiles are enlarged by an integer factor, nearest neighbour (each pixel becomes an s x s block,
@@ -56,7 +58,7 @@ def image_grid(images, ncols: int = 8, pad: int = 2, upscale: Optional[int] = No
     for i in range(nrows * ncols):
         r, q = divmod(i, ncols)
         y, x = pad + r * (h + pad), pad + q * (w + pad)
-        grid[y:y + h, x:x + w] = images[i] if i < n else empty
+        grid[y : y + h, x : x + w] = images[i] if i < n else empty
     # x255 then truncation, as the official demo converts samples to uint8.
     return (grid * 255).astype(np.uint8)
 
@@ -64,6 +66,7 @@ def image_grid(images, ncols: int = 8, pad: int = 2, upscale: Optional[int] = No
 def save_png(path: str, images, ncols: int = 8, upscale: Optional[int] = None) -> str:
     """Writes `image_grid(images, ncols, upscale=upscale)` as a PNG, atomically; returns the path."""
     from PIL import Image
+
     grid = image_grid(images, ncols, upscale=upscale)
     with atomic_write(path) as tmp:
         Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(tmp)

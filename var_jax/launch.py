@@ -11,6 +11,7 @@ before they are killed. SIGTERM / Ctrl-C to the launcher reach every process.
 
 On a real cluster start main.py once per host instead (docs/training.md#multiple-hosts).
 """
+
 import argparse
 import os
 import signal
@@ -28,9 +29,14 @@ def free_port() -> int:
 
 
 def process_args(command, i: int, n: int, port: int) -> list:
-    return [sys.executable, *command, '--config.distributed=True',
-            f'--config.cluster.coordinator_address=127.0.0.1:{port}', f'--config.cluster.num_processes={n}',
-            f'--config.cluster.process_id={i}']
+    return [
+        sys.executable,
+        *command,
+        '--config.distributed=True',
+        f'--config.cluster.coordinator_address=127.0.0.1:{port}',
+        f'--config.cluster.num_processes={n}',
+        f'--config.cluster.process_id={i}',
+    ]
 
 
 def _relay(stream, prefix: str):
@@ -42,8 +48,12 @@ def _relay(stream, prefix: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--num_processes', type=int, default=2)
-    p.add_argument('--devices_per_process', type=int, default=2,
-                   help='simulated CPU devices per process (JAX_PLATFORMS=cpu); 0: leave XLA_FLAGS alone')
+    p.add_argument(
+        '--devices_per_process',
+        type=int,
+        default=2,
+        help='simulated CPU devices per process (JAX_PLATFORMS=cpu); 0: leave XLA_FLAGS alone',
+    )
     p.add_argument('--grace_s', type=float, default=120, help='after one process fails, how long the rest may take')
     p.add_argument('command', nargs=argparse.REMAINDER, help='-- main.py and its flags')
     args = p.parse_args(argv)
@@ -57,8 +67,11 @@ def main(argv=None) -> int:
     port, n = free_port(), args.num_processes
     procs = []
     for i in range(n):
-        procs.append(subprocess.Popen(process_args(command, i, n, port), env=env, text=True,
-                                      stderr=None if i == 0 else subprocess.PIPE))
+        procs.append(
+            subprocess.Popen(
+                process_args(command, i, n, port), env=env, text=True, stderr=None if i == 0 else subprocess.PIPE
+            )
+        )
         if i:
             threading.Thread(target=_relay, args=(procs[-1].stderr, f'[process {i}] '), daemon=True).start()
 
@@ -66,6 +79,7 @@ def main(argv=None) -> int:
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     failed_at = None
@@ -76,8 +90,12 @@ def main(argv=None) -> int:
         if failed_at is not None and time.time() - failed_at > args.grace_s:
             for proc in procs:
                 if proc.poll() is None:
-                    print(f'var_jax.launch: process {procs.index(proc)} still runs {args.grace_s:.0f} s after another '
-                          f'failed; killing it', file=sys.stderr, flush=True)
+                    print(
+                        f'var_jax.launch: process {procs.index(proc)} still runs {args.grace_s:.0f} s after another '
+                        f'failed; killing it',
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     proc.kill()
         time.sleep(0.2)
     codes = [proc.wait() for proc in procs]

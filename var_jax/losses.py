@@ -9,6 +9,7 @@ per chip), and the backward pass keeps more. Here the per-token loss is logsumex
 with the float32 upcast of bf16 logits, so the only (B, L, V) arrays left are the logits themselves
 and, in the backward pass, their gradient.
 """
+
 import jax
 import jax.numpy as jnp
 

@@ -12,6 +12,7 @@ paper uses:
   neighbour; recall is the same with the roles swapped. Distances are squared Euclidean, computed on
   the devices block by block with the rows sharded over all devices.
 """
+
 import functools
 from typing import Optional
 
@@ -66,8 +67,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != mu1.shape * 2:
-        raise ValueError(f'statistics of different features: mu {mu1.shape} vs {mu2.shape}, '
-                         f'sigma {s1.shape} vs {s2.shape}')
+        raise ValueError(
+            f'statistics of different features: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}'
+        )
     w, v = np.linalg.eigh(s1)
     root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     middle = root1 @ s2 @ root1
@@ -124,11 +126,11 @@ def _row_blocks(fn, rows: np.ndarray, block: int, mesh, *args):
     block = max(n_dev, -(-min(block, len(rows)) // n_dev) * n_dev)
     out = []
     for lo in range(0, len(rows), block):
-        chunk = rows[lo:lo + block]
+        chunk = rows[lo : lo + block]
         padded = np.zeros((block,) + rows.shape[1:], np.float32)
-        padded[:len(chunk)] = chunk
+        padded[: len(chunk)] = chunk
         res = fn(jax.device_put(padded, sharding.batch_sharding(mesh)), *args)
-        out.append(np.asarray(jax.device_get(res))[:len(chunk)])
+        out.append(np.asarray(jax.device_get(res))[: len(chunk)])
     return np.concatenate(out)
 
 
@@ -136,15 +138,15 @@ def manifold_radii(features, k: int = 3, block: int = 2048, mesh=None) -> np.nda
     """(N,) squared distance of each feature vector to its k-th nearest neighbour in the same set."""
     features = np.asarray(features, np.float32)
     if len(features) <= k:
-        raise ValueError(f'a k={k} nearest-neighbour manifold needs more than {k} feature vectors, '
-                         f'got {len(features)}')
+        raise ValueError(f'a k={k} nearest-neighbour manifold needs more than {k} feature vectors, got {len(features)}')
     mesh = mesh or sharding.make_mesh(1)
     cols = jax.device_put(features, sharding.replicated(mesh))
     return _row_blocks(lambda r, c: _kth_smallest(r, c, k), features, block, mesh, cols)
 
 
-def precision_recall(ref_features, sample_features, k: int = 3, block: int = 2048,
-                     mesh: Optional[jax.sharding.Mesh] = None):
+def precision_recall(
+    ref_features, sample_features, k: int = 3, block: int = 2048, mesh: Optional[jax.sharding.Mesh] = None
+):
     """(precision, recall) of samples against references, ADM's improved precision/recall with k neighbours."""
     mesh = mesh or sharding.make_mesh(1)
     ref, smp = np.asarray(ref_features, np.float32), np.asarray(sample_features, np.float32)
@@ -156,16 +158,20 @@ def precision_recall(ref_features, sample_features, k: int = 3, block: int = 204
     return float(np.mean(precise)), float(np.mean(recalled))
 
 
-def summarize(pool, spatial, pool_features, logits, ref: dict, is_splits: int = 10, pr_k: int = 3,
-              mesh=None) -> dict:
+def summarize(pool, spatial, pool_features, logits, ref: dict, is_splits: int = 10, pr_k: int = 3, mesh=None) -> dict:
     """FID and sFID from streamed statistics, IS from the logits, precision/recall from the pool features."""
     mu, sigma = pool.mean_cov()
     mu_s, sigma_s = spatial.mean_cov()
     is_mean, is_std = inception_score(logits, is_splits)
     precision, recall = precision_recall(ref['pool'], pool_features, pr_k, mesh=mesh)
-    return {'fid': frechet_distance(mu, sigma, ref['mu'], ref['sigma']),
-            'sfid': frechet_distance(mu_s, sigma_s, ref['mu_s'], ref['sigma_s']),
-            'inception_score': is_mean, 'inception_score_std': is_std, 'precision': precision, 'recall': recall}
+    return {
+        'fid': frechet_distance(mu, sigma, ref['mu'], ref['sigma']),
+        'sfid': frechet_distance(mu_s, sigma_s, ref['mu_s'], ref['sigma_s']),
+        'inception_score': is_mean,
+        'inception_score_std': is_std,
+        'precision': precision,
+        'recall': recall,
+    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,10 +185,12 @@ class InceptionFeatures:
     {'pool': (B, 2048), 'logits_unbiased': (B, 1008), 'spatial': (B, 2023)}. `fingerprint` identifies the
     weights (cached reference statistics record it).
     """
+
     KEYS = ('pool', 'logits_unbiased', 'spatial')
 
     def __init__(self, params, mesh: Optional[jax.sharding.Mesh] = None):
         from var_jax.models.inception import InceptionV3
+
         self.mesh = mesh or sharding.make_mesh(1)
         self.fingerprint = checkpoint.fingerprint(params)[:16]
         self.params = jax.device_put(params, sharding.replicated(self.mesh))
@@ -191,10 +199,14 @@ class InceptionFeatures:
         def features(p, images):
             out = model.apply({'params': p}, images.astype(jnp.float32) / 255.0)
             return {k: out[k] for k in self.KEYS}
+
         self._batch = sharding.batch_sharding(self.mesh)
         # Fixed shardings: one executable per batch size, whatever layout the images arrive in.
-        self._fn = jax.jit(features, in_shardings=(sharding.replicated(self.mesh), self._batch),
-                           out_shardings=sharding.replicated(self.mesh))
+        self._fn = jax.jit(
+            features,
+            in_shardings=(sharding.replicated(self.mesh), self._batch),
+            out_shardings=sharding.replicated(self.mesh),
+        )
 
     def __call__(self, images) -> dict:
         if not isinstance(images, jax.Array):
@@ -223,10 +235,11 @@ def fid_of_images(images, ref: dict, extractor: 'InceptionFeatures', batch_size:
     batch = -(-min(batch_size, len(images)) // n_dev) * n_dev
     stats = FeatureStats(2048)
     for lo in range(0, len(images), batch):
-        chunk = images[lo:lo + batch]
+        chunk = images[lo : lo + batch]
         padded = np.concatenate([chunk, np.zeros((batch - len(chunk),) + chunk.shape[1:], np.uint8)])
-        batch_array = jax.make_array_from_callback(padded.shape, sharding.batch_sharding(extractor.mesh),
-                                                   lambda idx: padded[idx])
-        stats.update(extractor(batch_array)['pool'][:len(chunk)])
+        batch_array = jax.make_array_from_callback(
+            padded.shape, sharding.batch_sharding(extractor.mesh), lambda idx: padded[idx]
+        )
+        stats.update(extractor(batch_array)['pool'][: len(chunk)])
     mu, sigma = stats.mean_cov()
     return frechet_distance(mu, sigma, ref['mu'], ref['sigma'])

@@ -4,6 +4,7 @@ lr = tblr * batch / 256 (official utils/arg_util.py), linear warm-up from wp0 * 
 (`optim.sche`: 'lin0' by default, 'lin<pg>' with progressive training; 'lin', 'lin00', 'cos', 'exp'), a cosine
 weight-decay schedule and global-norm clipping.
 """
+
 import math
 
 import jax
@@ -23,8 +24,9 @@ def schedule_name(sche: str = '', pg: float = 0.0) -> str:
     return sche or (f'lin{pg:g}' if pg else 'lin0')
 
 
-def lr_schedule(peak: float, total_steps: int, warmup_steps: int, wp0: float = 0.005, wpe: float = 0.01,
-                sche: str = 'lin0') -> optax.Schedule:
+def lr_schedule(
+    peak: float, total_steps: int, warmup_steps: int, wp0: float = 0.005, wpe: float = 0.01, sche: str = 'lin0'
+) -> optax.Schedule:
     """The official lr schedules (utils/lr_control.py lr_wd_annealing): linear warm-up from wp0*peak, then, over
     the fraction p of the rest, down to wpe*peak:
 
@@ -39,8 +41,10 @@ def lr_schedule(peak: float, total_steps: int, warmup_steps: int, wp0: float = 0
         except ValueError:
             T = None
         if T is None or not 0 < T < 1:
-            raise ValueError(f"optim.sche={sche!r}: use 'lin0', 'lin', 'lin00', 'lin<T>' (0 < T < 1), 'cos' or 'exp' "
-                             f'(the official --sche)')
+            raise ValueError(
+                f"optim.sche={sche!r}: use 'lin0', 'lin', 'lin00', 'lin<T>' (0 < T < 1), 'cos' or 'exp' "
+                f'(the official --sche)'
+            )
 
     def after_warmup(p):
         if sche == 'cos':
@@ -49,8 +53,7 @@ def lr_schedule(peak: float, total_steps: int, warmup_steps: int, wp0: float = 0
             return wpe + (1 - wpe) * (1 - p)
         if sche in hold:
             T = hold[sche]
-            decay = (jnp.exp((p - T) / (1 - T) * math.log(wpe)) if sche == 'exp'
-                     else wpe + (1 - wpe) * (1 - p) / (1 - T))
+            decay = jnp.exp((p - T) / (1 - T) * math.log(wpe)) if sche == 'exp' else wpe + (1 - wpe) * (1 - p) / (1 - T)
             return jnp.where(p < T, 1.0, decay)
         T = float(sche[3:])
         mid = (1 + wpe + (1 - wpe) * (1 - T)) / 2
@@ -61,14 +64,17 @@ def lr_schedule(peak: float, total_steps: int, warmup_steps: int, wp0: float = 0
         warm = wp0 + (1 - wp0) * step / max(warmup_steps, 1)
         p = (step - warmup_steps) / max(total_steps - 1 - warmup_steps, 1)
         return peak * jnp.where(step < warmup_steps, warm, after_warmup(p))
+
     return schedule
 
 
 def cosine_wd_schedule(wd: float, wd_end: float, total_steps: int) -> optax.Schedule:
     """Official weight decay: cosine from wd at step 0 to wd_end at the last step."""
+
     def schedule(step):
         frac = jnp.asarray(step, jnp.float32) / max(total_steps - 1, 1)
         return wd_end + (wd - wd_end) * (0.5 + 0.5 * jnp.cos(math.pi * frac))
+
     return schedule
 
 
@@ -77,13 +83,14 @@ def decay_mask(params):
     leading depth axis) and not a position/level/gain parameter."""
     flat = traverse_util.flatten_dict(params)
     ndim = lambda k, v: v.ndim - (k[0] == BLOCKS)
-    return traverse_util.unflatten_dict({
-        k: ndim(k, v) > 1 and not any(name in part for part in k for name in NO_DECAY_NAMES)
-        for k, v in flat.items()})
+    return traverse_util.unflatten_dict(
+        {k: ndim(k, v) > 1 and not any(name in part for part in k for name in NO_DECAY_NAMES) for k, v in flat.items()}
+    )
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, batch_size: int,
-                   pg: float = 0.0) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, total_steps: int, batch_size: int, pg: float = 0.0
+) -> optax.GradientTransformation:
     """AdamW with the official lr / wd schedules and global-norm clipping.
 
     cfg: tblr (lr per 256 images), warmup_steps, wp0, wpe, wd, wd_end, clip, beta1, beta2, sche (see
@@ -93,8 +100,12 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int, batch_size:
     sche = schedule_name(cfg.get('sche', ''), pg)
     tx = optax.inject_hyperparams(optax.adamw, static_args=('mask',))(
         learning_rate=lr_schedule(peak, total_steps, cfg.warmup_steps, cfg.wp0, cfg.wpe, sche),
-        b1=cfg.beta1, b2=cfg.beta2, eps=1e-8,
-        weight_decay=cosine_wd_schedule(cfg.wd, cfg.wd_end, total_steps), mask=decay_mask)
+        b1=cfg.beta1,
+        b2=cfg.beta2,
+        eps=1e-8,
+        weight_decay=cosine_wd_schedule(cfg.wd, cfg.wd_end, total_steps),
+        mask=decay_mask,
+    )
     return optax.chain(optax.clip_by_global_norm(cfg.clip), tx) if cfg.clip > 0 else tx
 
 

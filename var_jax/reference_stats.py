@@ -11,6 +11,7 @@ model's resolution R with the official preprocessing. The statistics and pool fe
 and cached as .npz beside the data (or at config.eval.reference_cache) with the settings that produced
 them; a cache whose settings differ from the current ones is an error, never silently reused.
 """
+
 import json
 import logging
 import os
@@ -20,16 +21,23 @@ import jax
 import numpy as np
 
 from var_jax import metrics, sharding
+from var_jax.errors import MissingFileError, UserError
 from var_jax.fileio import atomic_write
 from var_jax.models import inception
-from var_jax.errors import MissingFileError, UserError
 
 SPATIAL_DIM = inception.SPATIAL_DIM
 CACHE_VERSION = 1
 _STATS = {'mu': (2048,), 'sigma': (2048, 2048), 'mu_s': (SPATIAL_DIM,), 'sigma_s': (SPATIAL_DIM, SPATIAL_DIM)}
 # data fields that do not change the evaluation images
-_TRAIN_ONLY = ('random_flip', 'shuffle_buffer', 'in_memory_max_mb', 'train_split', 'synthetic_train_size',
-               'pretokenize', 'pretokenize_crops')
+_TRAIN_ONLY = (
+    'random_flip',
+    'shuffle_buffer',
+    'in_memory_max_mb',
+    'train_split',
+    'synthetic_train_size',
+    'pretokenize',
+    'pretokenize_crops',
+)
 
 
 class ReferenceStatsError(UserError):
@@ -60,7 +68,7 @@ def _npz_batches(path: str, name: str, batch: int):
         shape, fortran, dtype = read(f)
         if fortran:  # not ADM's layout; read it whole
             arr = np.load(path)[name]
-            yield from (arr[lo:lo + batch] for lo in range(0, len(arr), batch))
+            yield from (arr[lo : lo + batch] for lo in range(0, len(arr), batch))
             return
         row = int(np.prod(shape[1:])) * dtype.itemsize
         for lo in range(0, shape[0], batch):
@@ -71,18 +79,25 @@ def _npz_batches(path: str, name: str, batch: int):
 def _check_adm(path: str, image_size: int, min_images: int) -> bool:
     """Validates an ADM reference batch; returns whether it carries its own statistics."""
     if not os.path.isfile(path):
-        raise MissingFileError(f'eval.reference={path} not found (an ADM reference batch such as '
-                                f'VIRTUAL_imagenet256_labeled.npz from guided-diffusion\'s evaluations/README)')
+        raise MissingFileError(
+            f'eval.reference={path} not found (an ADM reference batch such as '
+            f"VIRTUAL_imagenet256_labeled.npz from guided-diffusion's evaluations/README)"
+        )
     header, names = _npz_header(path, 'arr_0')
     if header is None:
-        raise ReferenceStatsError(f'{path} is not an ADM reference batch: it has no arr_0 (the images); it holds {names}')
+        raise ReferenceStatsError(
+            f'{path} is not an ADM reference batch: it has no arr_0 (the images); it holds {names}'
+        )
     (shape, dtype) = header
     if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3 or shape[1] != shape[2]:
-        raise ReferenceStatsError(f'{path}: arr_0 holds {dtype} {shape}, not uint8 (N, R, R, 3) RGB images as an ADM '
-                             f'reference batch does')
+        raise ReferenceStatsError(
+            f'{path}: arr_0 holds {dtype} {shape}, not uint8 (N, R, R, 3) RGB images as an ADM reference batch does'
+        )
     if shape[1] != image_size:
-        raise ReferenceStatsError(f'{path} holds {shape[1]} px images but the model samples {image_size} px; use the '
-                             f'reference batch of that resolution (e.g. VIRTUAL_imagenet{image_size}_labeled.npz)')
+        raise ReferenceStatsError(
+            f'{path} holds {shape[1]} px images but the model samples {image_size} px; use the '
+            f'reference batch of that resolution (e.g. VIRTUAL_imagenet{image_size}_labeled.npz)'
+        )
     if shape[0] < min_images:
         raise ReferenceStatsError(f'{path} holds {shape[0]} images; precision/recall need at least {min_images}')
     has = {k for k in _STATS if _npz_header(path, k)[0] is not None}
@@ -90,8 +105,10 @@ def _check_adm(path: str, image_size: int, min_images: int) -> bool:
         raise ReferenceStatsError(f'{path} has {sorted(has)} but not all of {sorted(_STATS)}')
     for k in (k for k in _STATS if k in has):
         if tuple(_npz_header(path, k)[0][0]) != _STATS[k]:
-            raise ReferenceStatsError(f'{path}: {k} has shape {_npz_header(path, k)[0][0]}, not {_STATS[k]}: not the '
-                                 f'statistics of the FID Inception\'s pool_3 / mixed_6/conv features')
+            raise ReferenceStatsError(
+                f'{path}: {k} has shape {_npz_header(path, k)[0][0]}, not {_STATS[k]}: not the '
+                f"statistics of the FID Inception's pool_3 / mixed_6/conv features"
+            )
     return bool(has)
 
 
@@ -105,8 +122,10 @@ def describe(config, image_size: int, fingerprint: str):
     data_cfg = config.data.to_dict() | {'image_size': image_size, 'resize_ratio': e.reference_resize_ratio}
     if ref:
         if not os.path.isdir(ref):
-            raise ReferenceStatsError(f'eval.reference={ref!r} is neither an ADM reference batch (.npz) nor a directory '
-                                 f'of images (one subfolder per class); leave it empty for config.data\'s eval split')
+            raise ReferenceStatsError(
+                f'eval.reference={ref!r} is neither an ADM reference batch (.npz) nor a directory '
+                f"of images (one subfolder per class); leave it empty for config.data's eval split"
+            )
         data_cfg |= {'source': 'folder', 'folder': os.path.abspath(ref), 'eval_folder': os.path.abspath(ref)}
     settings |= {'kind': data_cfg['source']} | {f'data.{k}': v for k, v in data_cfg.items() if k not in _TRAIN_ONLY}
     if data_cfg['source'] == 'folder':
@@ -114,8 +133,11 @@ def describe(config, image_size: int, fingerprint: str):
         cache = f'{root}.var_jax_ref_{image_size}px.npz'
     else:
         root = data_cfg['data_dir'] or os.environ.get('TFDS_DATA_DIR') or '~/tensorflow_datasets'
-        cache = os.path.join(os.path.expanduser(root), 'var_jax_fid_refs',
-                             f'{data_cfg["name"]}_{data_cfg["eval_split"]}_{image_size}px.npz'.replace('/', '_'))
+        cache = os.path.join(
+            os.path.expanduser(root),
+            'var_jax_fid_refs',
+            f'{data_cfg["name"]}_{data_cfg["eval_split"]}_{image_size}px.npz'.replace('/', '_'),
+        )
     return settings, e.reference_cache or cache, data_cfg
 
 
@@ -129,8 +151,10 @@ def _image_batches(data_cfg, adm_path, batch: int, mesh):
             yield jax.make_array_from_callback(padded.shape, bs, lambda idx: padded[idx]), mask
         return
     from var_jax import data
-    for b in data.make_eval_iterator(data_cfg, batch, process_index=jax.process_index(),
-                                     process_count=jax.process_count()):
+
+    for b in data.make_eval_iterator(
+        data_cfg, batch, process_index=jax.process_index(), process_count=jax.process_count()
+    ):
         # The pipeline gives round(pixel) * 2 / 255 - 1: back to the exact uint8 pixels.
         local = np.clip(np.rint((b['image'] + 1.0) * 127.5), 0, 255).astype(np.uint8)
         images, mask = sharding.global_batch((local, b['mask']), mesh)
@@ -161,18 +185,24 @@ def reference_statistics(config, extractor: 'metrics.InceptionFeatures', image_s
         with np.load(cache) as f:
             saved = json.loads(str(f['settings'])) if 'settings' in f.files else {}
             ref = {k: f[k] for k in f.files if k != 'settings'}
-        diff = {k: (saved.get(k), settings.get(k)) for k in sorted(set(saved) | set(settings))
-                if saved.get(k) != settings.get(k)}
+        diff = {
+            k: (saved.get(k), settings.get(k))
+            for k in sorted(set(saved) | set(settings))
+            if saved.get(k) != settings.get(k)
+        }
         if diff:
-            raise ReferenceStatsError(f'the cached reference statistics {cache} were made with other settings (cached, '
-                                 f'now): {diff}. Delete {cache} to recompute them, or set '
-                                 f'--config.eval.reference_cache to another path')
+            raise ReferenceStatsError(
+                f'the cached reference statistics {cache} were made with other settings (cached, '
+                f'now): {diff}. Delete {cache} to recompute them, or set '
+                f'--config.eval.reference_cache to another path'
+            )
     else:
         log(f'computing reference statistics ({settings["kind"]}) -> {cache}')
         ref = _compute(data_cfg, adm_path, extractor, e.batch_size, log)
         if len(ref['pool']) <= e.pr_k:
-            raise ReferenceStatsError(f'the reference has {len(ref["pool"])} images; precision/recall need more than '
-                                 f'eval.pr_k={e.pr_k}')
+            raise ReferenceStatsError(
+                f'the reference has {len(ref["pool"])} images; precision/recall need more than eval.pr_k={e.pr_k}'
+            )
         if jax.process_index() == 0:
             with atomic_write(cache) as tmp:
                 np.savez(tmp, settings=np.array(json.dumps(settings, sort_keys=True)), **ref)
@@ -188,8 +218,11 @@ def training_fid_setup(config, image_size: int, mesh=None):
     """(reference, extractor) for `metrics.fid_of_images` during training, or None (with one log line) without
     Inception weights."""
     if not config.eval.inception_path:
-        logging.warning('FID during training is off: no Inception weights (set --config.eval.inception_path to the '
-                        '.npz of python -m var_jax.convert --inception %s)', inception.PTH_FILE)
+        logging.warning(
+            'FID during training is off: no Inception weights (set --config.eval.inception_path to the '
+            '.npz of python -m var_jax.convert --inception %s)',
+            inception.PTH_FILE,
+        )
         return None
     extractor = metrics.InceptionFeatures(inception.load_params(config.eval.inception_path), mesh)
     return reference_statistics(config, extractor, image_size), extractor

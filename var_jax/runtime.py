@@ -1,5 +1,6 @@
 """Process setup: the CPU allocator (before JAX starts its thread pool), several processes as one JAX program, and
 the compilation cache."""
+
 import ctypes
 import importlib.metadata
 import importlib.util
@@ -43,8 +44,10 @@ def keep_freed_memory_on_cpu() -> bool:
         libc = ctypes.CDLL('libc.so.6')
     except OSError:  # not glibc (macOS, musl): nothing to tune
         return False
-    return all(libc.mallopt(param, value) == 1 for param, value in
-               ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+    return all(
+        libc.mallopt(param, value) == 1
+        for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    )
 
 
 def use_compile_cache(directory: str) -> bool:
@@ -54,6 +57,7 @@ def use_compile_cache(directory: str) -> bool:
     Returns whether this call set it.
     """
     import jax
+
     if not directory or jax.config.jax_compilation_cache_dir:
         return False
     jax.config.update('jax_compilation_cache_dir', os.path.expanduser(directory))
@@ -70,19 +74,29 @@ def initialize_distributed(config) -> bool:
     if not config.distributed:
         return False
     import jax
+
     from var_jax.errors import ConfigError
+
     c = config.cluster
-    explicit = dict(coordinator_address=c.coordinator_address or None,
-                    num_processes=c.num_processes if c.num_processes > 0 else None,
-                    process_id=c.process_id if c.process_id >= 0 else None)
+    explicit = dict(
+        coordinator_address=c.coordinator_address or None,
+        num_processes=c.num_processes if c.num_processes > 0 else None,
+        process_id=c.process_id if c.process_id >= 0 else None,
+    )
     given = [k for k, v in explicit.items() if v is not None]
     if given and len(given) < 3:
         missing = sorted(set(explicit) - set(given))
-        raise ConfigError(f'cluster.{", cluster.".join(given)} given without cluster.{", cluster.".join(missing)}: '
-                          f'give all three (or none, for JAX\'s cluster detection)')
+        raise ConfigError(
+            f'cluster.{", cluster.".join(given)} given without cluster.{", cluster.".join(missing)}: '
+            f"give all three (or none, for JAX's cluster detection)"
+        )
     if given and not 0 <= c.process_id < c.num_processes:
         raise ConfigError(f'cluster.process_id={c.process_id} must be in [0, cluster.num_processes={c.num_processes})')
     ids = [int(i) for i in str(c.local_device_ids).split(',') if i.strip()] or None
-    jax.distributed.initialize(**explicit, local_device_ids=ids, initialization_timeout=c.initialization_timeout_s,
-                               heartbeat_timeout_seconds=c.heartbeat_timeout_s)
+    jax.distributed.initialize(
+        **explicit,
+        local_device_ids=ids,
+        initialization_timeout=c.initialization_timeout_s,
+        heartbeat_timeout_seconds=c.heartbeat_timeout_s,
+    )
     return True

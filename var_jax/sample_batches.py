@@ -5,6 +5,7 @@ parsed from the config string, cut into batches of one size (the last padded, so
 split over every device of every host, batch i drawn with `fold_in(key, i)` so that a batch's images do
 not depend on which other batches a run samples (a resumed evaluation samples only the missing ones).
 """
+
 import math
 from typing import Iterable, Iterator, Optional
 
@@ -32,8 +33,10 @@ def parse_labels(spec: str, num_images: int, num_classes: int) -> np.ndarray:
     if values.size == 0:
         raise ValueError(f'sample.labels={spec!r}: give comma-separated class indices, e.g. "1,2,3"')
     if values.max() >= num_classes:
-        raise ValueError(f'sample.labels={spec!r}: the model has {num_classes} classes, so labels must be in '
-                         f'[0, {num_classes}), or -1 for unconditional samples')
+        raise ValueError(
+            f'sample.labels={spec!r}: the model has {num_classes} classes, so labels must be in '
+            f'[0, {num_classes}), or -1 for unconditional samples'
+        )
     return np.resize(np.where(values < 0, num_classes, values).astype(np.int32), num_images)
 
 
@@ -48,8 +51,16 @@ def batch_size_for(requested: int, num_images: int, mesh: jax.sharding.Mesh) -> 
     return max(n_dev, -(-min(requested, num_images) // n_dev) * n_dev)
 
 
-def sample_batches(models, labels: np.ndarray, key, sampler_settings: dict, *, batch_size: int,
-                   mesh: jax.sharding.Mesh, batches: Optional[Iterable[int]] = None) -> Iterator[tuple]:
+def sample_batches(
+    models,
+    labels: np.ndarray,
+    key,
+    sampler_settings: dict,
+    *,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+    batches: Optional[Iterable[int]] = None,
+) -> Iterator[tuple]:
     """Yields (i, n, out) for batch i of `labels` (default: every batch): `sampling.sample`'s output for
     labels[i * batch_size:][:batch_size], padded to batch_size, and n, how many of its rows are real.
 
@@ -62,9 +73,10 @@ def sample_batches(models, labels: np.ndarray, key, sampler_settings: dict, *, b
     vqvae, vae_params, var, var_params = models
     split = sharding.batch_sharding(mesh)
     for i in range(math.ceil(len(labels) / batch_size)) if batches is None else batches:
-        chunk = labels[i * batch_size:(i + 1) * batch_size]
+        chunk = labels[i * batch_size : (i + 1) * batch_size]
         padded = np.resize(chunk, batch_size)
         device_labels = jax.make_array_from_callback(padded.shape, split, lambda index: padded[index])
-        out = sampling.sample(vqvae, vae_params, var, var_params, device_labels, jax.random.fold_in(key, i),
-                              **sampler_settings)
+        out = sampling.sample(
+            vqvae, vae_params, var, var_params, device_labels, jax.random.fold_in(key, i), **sampler_settings
+        )
         yield i, len(chunk), out

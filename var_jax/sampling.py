@@ -29,6 +29,7 @@ Differences from the official code, all deliberate:
 - `temperature` is an addition (1.0 = official): logits are divided by it before filtering.
 - A negative label means the null class in label arrays too (the official code maps a negative int label).
 """
+
 import functools
 import math
 import numbers
@@ -50,8 +51,23 @@ _TRACES = [0]  # incremented each time the scale loop is traced; tests use it to
 # ------------------------------------------------------------------------------------------------
 # The compiled scale loop (shared by sample, edit and the teacher-forcing check)
 # ------------------------------------------------------------------------------------------------
-def _scale_loop(vqvae, var, top_k, use_top_p, more_smooth, return_logits,
-                vae_params, var_params, labels, key, cfg, top_p, temperature, src_idx=None, keep=None):
+def _scale_loop(
+    vqvae,
+    var,
+    top_k,
+    use_top_p,
+    more_smooth,
+    return_logits,
+    vae_params,
+    var_params,
+    labels,
+    key,
+    cfg,
+    top_p,
+    temperature,
+    src_idx=None,
+    keep=None,
+):
     """Traced body. src_idx / keep: None, or per-scale (B, pn^2) source tokens and keep masks in {0, 1}."""
     _TRACES[0] += 1
     v = var.bind({'params': var_params})
@@ -73,8 +89,9 @@ def _scale_loop(vqvae, var, top_k, use_top_p, more_smooth, return_logits,
         t = cfg * ratio
         logits = (1 + t) * out[:B] - t * out[B:]  # float32 guided logits
         k_idx, k_gumbel = jax.random.split(keys[si])
-        idx, masked = sample_logits(k_idx, logits, top_k=top_k, top_p=top_p, temperature=temperature,
-                                    use_top_p=use_top_p)
+        idx, masked = sample_logits(
+            k_idx, logits, top_k=top_k, top_p=top_p, temperature=temperature, use_top_p=use_top_p
+        )
         if more_smooth:  # soft Gumbel embedding of the masked logits (the official visual-only mode)
             tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
             u = jax.random.uniform(k_gumbel, masked.shape, jnp.float32, jnp.finfo(jnp.float32).tiny, 1.0)
@@ -119,15 +136,18 @@ def compiled_decode(vqvae):
 @functools.lru_cache(maxsize=32)
 def _jitted_loop(vqvae, var, top_k, use_top_p, more_smooth, return_logits, platform):
     """Cached per (models, settings, platform); linen modules hash by their fields."""
-    return jax.jit(functools.partial(_scale_loop, vqvae, var, top_k, use_top_p, more_smooth, return_logits),
-                   compiler_options=compiler_options(platform))
+    return jax.jit(
+        functools.partial(_scale_loop, vqvae, var, top_k, use_top_p, more_smooth, return_logits),
+        compiler_options=compiler_options(platform),
+    )
 
 
 @functools.lru_cache(maxsize=8)
 def _jitted_decode(vqvae, platform):
-    return jax.jit(lambda vae_params, f_hat: vqvae.apply({'params': vae_params}, f_hat,
-                                                         method=VQVAE.fhat_to_img) * 0.5 + 0.5,
-                   compiler_options=compiler_options(platform))
+    return jax.jit(
+        lambda vae_params, f_hat: vqvae.apply({'params': vae_params}, f_hat, method=VQVAE.fhat_to_img) * 0.5 + 0.5,
+        compiler_options=compiler_options(platform),
+    )
 
 
 def compiler_options(platform):
@@ -144,19 +164,27 @@ def _with_images(vqvae, vae_params, res):
 def _check_models(vqvae, var):
     """Runs before any cached or jitted function, which would raise a bare TypeError on unhashable models."""
     if not (isinstance(vqvae, VQVAE) and isinstance(var, VAR)):
-        raise ValueError(f'expected (vqvae, vae_params, var, var_params), a VQVAE and a VAR; got {type(vqvae).__name__}'
-                         f' and {type(var).__name__} (load them with var_jax.load_pretrained or build_models)')
+        raise ValueError(
+            f'expected (vqvae, vae_params, var, var_params), a VQVAE and a VAR; got {type(vqvae).__name__}'
+            f' and {type(var).__name__} (load them with var_jax.load_pretrained or build_models)'
+        )
     try:
         hash((vqvae, var))
     except TypeError as e:
-        raise ValueError('build the models with tuples (patch_nums, ch_mult), not lists (var_jax.build_models converts '
-                         'them): compiled samplers are cached per model configuration, which must be hashable') from e
+        raise ValueError(
+            'build the models with tuples (patch_nums, ch_mult), not lists (var_jax.build_models converts '
+            'them): compiled samplers are cached per model configuration, which must be hashable'
+        ) from e
     if tuple(vqvae.patch_nums) != tuple(var.patch_nums):
-        raise ValueError(f'VQVAE patch_nums {tuple(vqvae.patch_nums)} differ from VAR patch_nums '
-                         f'{tuple(var.patch_nums)}; build both with the same schedule')
+        raise ValueError(
+            f'VQVAE patch_nums {tuple(vqvae.patch_nums)} differ from VAR patch_nums '
+            f'{tuple(var.patch_nums)}; build both with the same schedule'
+        )
     if (vqvae.vocab_size, vqvae.z_channels) != (var.vocab_size, var.cvae):
-        raise ValueError(f'VAR expects vocabulary {var.vocab_size} and Cvae {var.cvae}, the VQVAE has '
-                         f'{vqvae.vocab_size} and {vqvae.z_channels}')
+        raise ValueError(
+            f'VAR expects vocabulary {var.vocab_size} and Cvae {var.cvae}, the VQVAE has '
+            f'{vqvae.vocab_size} and {vqvae.z_channels}'
+        )
 
 
 def check_settings(*, cfg, top_k, top_p, temperature, vocab_size: int) -> None:
@@ -166,8 +194,9 @@ def check_settings(*, cfg, top_k, top_p, temperature, vocab_size: int) -> None:
     if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f'top_k must be an int >= 0 (0 = off), got {top_k!r}')
     if top_k > vocab_size:  # the official torch.topk raises for k > V too
-        raise ValueError(f'top_k={top_k} exceeds the vocabulary size {vocab_size}; use top_k <= '
-                         f'{vocab_size} (or 0 = off)')
+        raise ValueError(
+            f'top_k={top_k} exceeds the vocabulary size {vocab_size}; use top_k <= {vocab_size} (or 0 = off)'
+        )
     if not (isinstance(top_p, numbers.Real) and 0.0 <= top_p <= 1.0):
         raise ValueError(f'top_p must be in (0, 1], or 0 to turn nucleus filtering off; got {top_p!r}')
     if not (isinstance(temperature, numbers.Real) and math.isfinite(temperature) and temperature > 0):
@@ -191,13 +220,14 @@ def _labels_array(var, labels, batch_size):
         labels = np.asarray(labels)
         shape = labels.shape
     if len(shape) != 1 or shape[0] == 0 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f'labels must be a non-empty 1-D integer array (B,), got shape {shape} '
-                         f'dtype {labels.dtype}')
+        raise ValueError(f'labels must be a non-empty 1-D integer array (B,), got shape {shape} dtype {labels.dtype}')
     if batch_size is not None and shape[0] != batch_size:
         raise ValueError(f'{shape[0]} labels for batch_size {batch_size}')
     if labels.max() > n:
-        raise ValueError(f'labels must be in [0, {n}) for the {n} classes, or {n} or negative for the null '
-                         f'class (unconditional); got values {labels.min()}..{labels.max()}')
+        raise ValueError(
+            f'labels must be in [0, {n}) for the {n} classes, or {n} or negative for the null '
+            f'class (unconditional); got values {labels.min()}..{labels.max()}'
+        )
     if isinstance(given, jax.Array):  # keep the caller's placement (e.g. a batch-sharded array)
         given = given.astype(jnp.int32)
         return jnp.where(given < 0, n, given) if labels.min() < 0 else given
@@ -214,9 +244,22 @@ def _as_key(key):
 # ------------------------------------------------------------------------------------------------
 # Public API
 # ------------------------------------------------------------------------------------------------
-def sample(vqvae, vae_params, var, var_params, labels, key, *, cfg: float = 1.5, top_k: int = 0,
-           top_p: float = 0.0, temperature: float = 1.0, more_smooth: bool = False,
-           return_logits: bool = False, batch_size: Optional[int] = None):
+def sample(
+    vqvae,
+    vae_params,
+    var,
+    var_params,
+    labels,
+    key,
+    *,
+    cfg: float = 1.5,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    temperature: float = 1.0,
+    more_smooth: bool = False,
+    return_logits: bool = False,
+    batch_size: Optional[int] = None,
+):
     """Class-conditional generation (official `autoregressive_infer_cfg`).
 
     labels: (B,) ints in [0, num_classes), one int (needs batch_size), or None for uniform
@@ -244,12 +287,14 @@ def sample(vqvae, vae_params, var, var_params, labels, key, *, cfg: float = 1.5,
     else:
         labels = _labels_array(var, labels, batch_size)
     res = compiled_loop(vqvae, var, int(top_k), bool(top_p > 0), bool(more_smooth), bool(return_logits))(
-        vae_params, var_params, labels, key, jnp.float32(cfg), jnp.float32(top_p), jnp.float32(temperature))
+        vae_params, var_params, labels, key, jnp.float32(cfg), jnp.float32(top_p), jnp.float32(temperature)
+    )
     return dict(_with_images(vqvae, vae_params, res), labels=labels)
 
 
-def rectangle_mask(patch_nums: Sequence[int], y0: float, x0: float, y1: float, x1: float,
-                   inpainting: bool = True) -> np.ndarray:
+def rectangle_mask(
+    patch_nums: Sequence[int], y0: float, x0: float, y1: float, x1: float, inpainting: bool = True
+) -> np.ndarray:
     """Keep mask (pn_last, pn_last) float32 for a box given in fractions of the side (official get_edit_mask).
 
     The box [round(y0*s):round(y1*s), round(x0*s):round(x1*s)] is 1 (Python round, as official).
@@ -258,10 +303,11 @@ def rectangle_mask(patch_nums: Sequence[int], y0: float, x0: float, y1: float, x
     """
     s = int(patch_nums[-1])
     if not (0 <= y0 <= y1 <= 1 and 0 <= x0 <= x1 <= 1):
-        raise ValueError(f'box fractions must satisfy 0 <= y0 <= y1 <= 1 and 0 <= x0 <= x1 <= 1, '
-                         f'got ({y0}, {x0}, {y1}, {x1})')
+        raise ValueError(
+            f'box fractions must satisfy 0 <= y0 <= y1 <= 1 and 0 <= x0 <= x1 <= 1, got ({y0}, {x0}, {y1}, {x1})'
+        )
     m = np.zeros((s, s), np.float32)
-    m[round(y0 * s):round(y1 * s), round(x0 * s):round(x1 * s)] = 1
+    m[round(y0 * s) : round(y1 * s), round(x0 * s) : round(x1 * s)] = 1
     return 1 - m if inpainting else m
 
 
@@ -298,8 +344,10 @@ def scale_keep_masks(mask, patch_nums: Sequence[int], batch_size: int, image_siz
         m = m[None]
     sides = (patch_nums[-1],) if image_size is None else (patch_nums[-1], image_size)
     if m.ndim != 3 or m.shape[1] != m.shape[2] or m.shape[1] not in sides or m.shape[0] not in (1, batch_size):
-        raise ValueError(f'mask must be (S, S) or (B or 1, S, S) with B = {batch_size} and S in {sides} '
-                         f'(the last patch size or the image side), got shape {np.shape(mask)}')
+        raise ValueError(
+            f'mask must be (S, S) or (B or 1, S, S) with B = {batch_size} and S in {sides} '
+            f'(the last patch size or the image side), got shape {np.shape(mask)}'
+        )
     m = np.broadcast_to(m.astype(np.float32), (batch_size,) + m.shape[1:])
     out = []
     for pn in patch_nums:
@@ -312,9 +360,23 @@ def scale_keep_masks(mask, patch_nums: Sequence[int], batch_size: int, image_siz
     return out
 
 
-def edit(vqvae, vae_params, var, var_params, image, mask, labels=None, key=0, *, cfg: float = 1.5,
-         top_k: int = 0, top_p: float = 0.0, temperature: float = 1.0, more_smooth: bool = False,
-         return_logits: bool = False):
+def edit(
+    vqvae,
+    vae_params,
+    var,
+    var_params,
+    image,
+    mask,
+    labels=None,
+    key=0,
+    *,
+    cfg: float = 1.5,
+    top_k: int = 0,
+    top_p: float = 0.0,
+    temperature: float = 1.0,
+    more_smooth: bool = False,
+    return_logits: bool = False,
+):
     """Zero-shot inpainting / outpainting / class-conditional editing (the paper's zero-shot task
     generalisation; official demo_zero_shot_edit.ipynb, its autoregressive_infer_cfg_with_mask).
 
@@ -334,8 +396,16 @@ def edit(vqvae, vae_params, var, var_params, image, mask, labels=None, key=0, *,
     keep = scale_keep_masks(mask, var.patch_nums, B, R)
     labels = _labels_array(var, var.num_classes if labels is None else labels, B)
     res = compiled_loop(vqvae, var, int(top_k), bool(top_p > 0), bool(more_smooth), bool(return_logits))(
-        vae_params, var_params, labels, _as_key(key), jnp.float32(cfg), jnp.float32(top_p),
-        jnp.float32(temperature), src_idx, keep)
+        vae_params,
+        var_params,
+        labels,
+        _as_key(key),
+        jnp.float32(cfg),
+        jnp.float32(top_p),
+        jnp.float32(temperature),
+        src_idx,
+        keep,
+    )
     return dict(_with_images(vqvae, vae_params, res), labels=labels, src_idx=src_idx)
 
 
@@ -351,5 +421,14 @@ def teacher_forced(vqvae, vae_params, var, var_params, labels, idx_list):
     B = labels.shape[0]
     keep = [jnp.ones((B, pn * pn), jnp.float32) for pn in var.patch_nums]
     fn = compiled_loop(vqvae, var, 0, False, False, True)
-    return fn(vae_params, var_params, labels, jax.random.PRNGKey(0), jnp.float32(0), jnp.float32(0),
-              jnp.float32(1), [jnp.asarray(i, jnp.int32) for i in idx_list], keep)
+    return fn(
+        vae_params,
+        var_params,
+        labels,
+        jax.random.PRNGKey(0),
+        jnp.float32(0),
+        jnp.float32(0),
+        jnp.float32(1),
+        [jnp.asarray(i, jnp.int32) for i in idx_list],
+        keep,
+    )

@@ -27,9 +27,10 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Sequence
 
 import jax
-from jax.experimental import mesh_utils
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = 'data'
 FSDP_AXIS = 'fsdp'
@@ -174,7 +175,6 @@ def global_batch(local_batch: PyTree, mesh: Mesh) -> PyTree:
     )
 
 
-
 def to_host(x) -> np.ndarray:
     """The whole of a (possibly multi-host) global array as numpy, on every host.
 
@@ -183,4 +183,5 @@ def to_host(x) -> np.ndarray:
     if jax.process_count() == 1:
         return np.asarray(x)
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -1,5 +1,6 @@
 """Images <-> tokens, checked: the input checks and the jitted encode / decode that the public API
 (`var_jax.api`) and the sampler share. Errors are plain ValueErrors with the fix in the message."""
+
 import functools
 
 import jax
@@ -18,8 +19,10 @@ def check_images(images, image_size: int):
     if not isinstance(images, jax.core.Tracer):
         lo, hi = float(jnp.min(images)), float(jnp.max(images))
         if lo < -1 - 1e-3 or hi > 1 + 1e-3:
-            raise ValueError(f'image values must lie in [-1, 1], got [{lo:.3g}, {hi:.3g}]; map [0, 1] images '
-                             f'with x * 2 - 1 and uint8 pixels with x / 127.5 - 1')
+            raise ValueError(
+                f'image values must lie in [-1, 1], got [{lo:.3g}, {hi:.3g}]; map [0, 1] images '
+                f'with x * 2 - 1 and uint8 pixels with x / 127.5 - 1'
+            )
 
 
 def check_labels(labels, num_classes: int, allow_null: bool = False):
@@ -31,8 +34,10 @@ def check_labels(labels, num_classes: int, allow_null: bool = False):
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f'labels must be a 1-D integer array, got {labels.dtype} {labels.shape}')
     if labels.size and (labels.min() < 0 or labels.max() >= hi):
-        raise ValueError(f'labels must lie in [0, {hi}) for a model with {num_classes} classes, '
-                         f'got values in [{labels.min()}, {labels.max()}]')
+        raise ValueError(
+            f'labels must lie in [0, {hi}) for a model with {num_classes} classes, '
+            f'got values in [{labels.min()}, {labels.max()}]'
+        )
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -5,6 +5,7 @@
 
 model.json is written last, so a directory that has one holds complete params.
 """
+
 import hashlib
 import json
 import os
@@ -15,10 +16,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from var_jax.checkpoint.train_state import atomic_write_json
+from var_jax.errors import MissingFileError, UserError
 from var_jax.models.stacking import BLOCKS, stack_blocks
 from var_jax.sharding import PyTree
-from var_jax.errors import MissingFileError, UserError
-
 
 # Model fields that choose how the math runs, not what it is: a params file fits whatever they are set to.
 COMPUTE_CHOICES = ('dtype', 'scan', 'remat', 'attention', 'encode_precision', 'decode_precision', 'decode_dtype')
@@ -75,8 +75,9 @@ def save_pretrained(out_dir: str, model_configs: Mapping[str, dict], params: Map
     os.makedirs(out_dir, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:  # with several processes: all call it (orbax syncs them), one writes
         ckptr.save(os.path.join(out_dir, 'params'), dict(params), force=True)
-    cfgs = {name: {k: list(v) if isinstance(v, tuple) else v for k, v in c.items()}
-            for name, c in model_configs.items()}
+    cfgs = {
+        name: {k: list(v) if isinstance(v, tuple) else v for k, v in c.items()} for name, c in model_configs.items()
+    }
     if jax.process_index() == 0:
         atomic_write_json(os.path.join(out_dir, 'model.json'), cfgs)
 
@@ -85,18 +86,26 @@ def load_model_config(ckpt_dir: str) -> dict:
     """The model.json of a params directory: {'vae': kwargs[, 'var': kwargs]}, checked; cheap (no params)."""
     cfg_path = os.path.join(os.path.abspath(ckpt_dir), 'model.json')
     if not os.path.exists(cfg_path):
-        raise MissingFileError(f'{cfg_path} not found: {ckpt_dir} is not a converted checkpoint or a run\'s '
-                                f'export; create one with python -m var_jax.convert --vae ... --var ... '
-                                f'--out {ckpt_dir}')
+        raise MissingFileError(
+            f"{cfg_path} not found: {ckpt_dir} is not a converted checkpoint or a run's "
+            f'export; create one with python -m var_jax.convert --vae ... --var ... '
+            f'--out {ckpt_dir}'
+        )
     try:
         with open(cfg_path) as f:
             cfg = json.load(f)
-        if not isinstance(cfg, dict) or not cfg or not set(cfg) <= {'vae', 'var'} or \
-                not all(isinstance(c, dict) for c in cfg.values()):
+        if (
+            not isinstance(cfg, dict)
+            or not cfg
+            or not set(cfg) <= {'vae', 'var'}
+            or not all(isinstance(c, dict) for c in cfg.values())
+        ):
             raise ValueError('expected {"vae": {...}, "var": {...}}')
     except ValueError as e:
-        raise ParamsFileError(f'{cfg_path} is not a valid model config ({e}); re-create the directory with '
-                              f'python -m var_jax.convert or re-export the run') from None
+        raise ParamsFileError(
+            f'{cfg_path} is not a valid model config ({e}); re-create the directory with '
+            f'python -m var_jax.convert or re-export the run'
+        ) from None
     return {name: {k: tuple(v) if isinstance(v, list) else v for k, v in c.items()} for name, c in cfg.items()}
 
 
@@ -108,9 +117,11 @@ def load_pretrained(ckpt_dir: str):
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(params_dir)
     except Exception as e:  # orbax raises many kinds for a damaged tree
-        raise ParamsFileError(f'cannot read the params in {params_dir} ({type(e).__name__}: '
-                              f'{str(e).splitlines()[0] if str(e) else ""}); the directory is incomplete or '
-                              f'damaged: re-create it with python -m var_jax.convert or re-export the run') from None
+        raise ParamsFileError(
+            f'cannot read the params in {params_dir} ({type(e).__name__}: '
+            f'{str(e).splitlines()[0] if str(e) else ""}); the directory is incomplete or '
+            f'damaged: re-create it with python -m var_jax.convert or re-export the run'
+        ) from None
     if set(params) != set(cfg):
         raise ParamsFileError(f'{ckpt_dir}: model.json describes {sorted(cfg)} but params/ holds {sorted(params)}')
     if 'var' in params and f'{BLOCKS}_0' in params['var']:  # written before the blocks were stacked
@@ -122,5 +133,7 @@ def check_model_config(name: str, saved: Mapping, model) -> None:
     """Raises if the model built from the run config differs from the saved one (e.g. init_from's)."""
     for k, v in saved.items():
         if k not in COMPUTE_CHOICES and getattr(model, k, v) != v:
-            raise ValueError(f'init_from {name} has {k}={v} but the config builds {k}={getattr(model, k)}; '
-                             f'set config.{name}.{k} = {v!r} (or leave init_from empty)')
+            raise ValueError(
+                f'init_from {name} has {k}={v} but the config builds {k}={getattr(model, k)}; '
+                f'set config.{name}.{k} = {v!r} (or leave init_from empty)'
+            )

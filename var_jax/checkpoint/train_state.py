@@ -34,15 +34,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from var_jax.errors import DiskFullError, MissingFileError, UserError
 from var_jax.fileio import atomic_write_json
 from var_jax.sharding import PyTree
-from var_jax.errors import DiskFullError, MissingFileError, UserError
 
 STATE_ITEM = 'state'
 DAMAGED_SUBDIR = 'damaged_checkpoints'
 CONFIG_ITEM = 'config'
 CONFIG_FILE = 'config.json'
 CHECKPOINT_SUBDIR = 'checkpoints'
+
 
 class ConfigMismatchError(UserError):
     """The workdir holds checkpoints written with an incompatible config."""
@@ -132,7 +133,8 @@ def _is_disk_full(error: BaseException) -> bool:
     """ENOSPC anywhere down the chain: an OSError from Python, or tensorstore's error text (os_error_code 28)."""
     while error is not None:
         if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or (
-                'No space left on device' in str(error) or f"os_error_code='{errno.ENOSPC}'" in str(error)):
+            'No space left on device' in str(error) or f"os_error_code='{errno.ENOSPC}'" in str(error)
+        ):
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -222,20 +224,12 @@ def _restore_target(leaf: Any, default_sharding: jax.sharding.Sharding) -> Any:
 
 
 class Checkpointer:
-    """Saves / restores the train state of one run in `workdir`.
+    """Saves / restores the train state of one run in `workdir` (checkpoints in `workdir/checkpoints`).
 
-    Args:
-      workdir: run directory; checkpoints go to `workdir/checkpoints`.
-      max_to_keep: keep only the newest K checkpoints.
-      save_every: `save` is a no-op unless `step % save_every == 0`
-        (or `force=True`).
-      config: run config (ConfigDict or dict).  When given, it is checked
-        against the latest checkpoint's config before anything is written
-        (raises :class:`ConfigMismatchError`), then stored with every step
-        and as `workdir/config.json`.
-      resumable_keys / compare_keys: see :func:`config_diff`.
-      async_save: write in a background thread (default); False for
-        synchronous saves (debugging).
+    Keeps the newest `max_to_keep` steps; `save` is a no-op unless `step % save_every == 0` (or `force=True`).
+    With `config` (a ConfigDict or dict), the newest checkpoint's config is checked against it before anything
+    is written (ConfigMismatchError; `resumable_keys` / `compare_keys`: see `config_diff`), then it is stored
+    with every step and as `workdir/config.json`. `async_save=False` writes synchronously (debugging).
     """
 
     def __init__(
@@ -266,9 +260,7 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=(STATE_ITEM, CONFIG_ITEM)
-        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=(STATE_ITEM, CONFIG_ITEM))
         self._preemption = PreemptionHandler()
         self._checkpoint_bytes = 0  # of the last save, for the message of a full disk
         logging.getLogger('absl').addFilter(_SAVE_ERRORS_FILTER)
@@ -317,7 +309,6 @@ class Checkpointer:
                 + '\nTo start a new run with these settings, give a new --workdir.'
             )
 
-
     def save(self, step: int, state: PyTree, force: bool = False) -> bool:
         """Starts saving `state` as `step`; returns whether a save was started.
 
@@ -353,7 +344,8 @@ class Checkpointer:
                 f'no space left on the disk of {self.directory} while saving a checkpoint: one takes about '
                 f'{self._checkpoint_bytes / 2**20:,.1f} MiB ({free / 2**20:,.0f} MiB free now). Free '
                 f'some space (or lower keep_checkpoints) and run the same command again: it resumes from the newest '
-                f'complete checkpoint') from None
+                f'complete checkpoint'
+            ) from None
 
     def restore(self, abstract_state: PyTree, step: Optional[int] = None) -> PyTree:
         """Restores `step` (default: latest) into the layout of `abstract_state`.
@@ -400,8 +392,14 @@ class Checkpointer:
                 target, n = os.path.join(damaged, f'{step}.{n}'), n + 1
             os.replace(os.path.join(self.directory, str(step)), target)
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        logging.warning('checkpoint step %d in %s is damaged (%s: %s); moved it to %s and fell back to the '
-                        'previous step', step, self.directory, type(error).__name__, reason, target)
+        logging.warning(
+            'checkpoint step %d in %s is damaged (%s: %s); moved it to %s and fell back to the previous step',
+            step,
+            self.directory,
+            type(error).__name__,
+            reason,
+            target,
+        )
         self._manager.reload()
 
     def wait(self) -> None:
@@ -423,7 +421,6 @@ class Checkpointer:
     def __exit__(self, *exc_info) -> bool:
         self.close()
         return False
-
 
     def handle_preemption(self) -> PreemptionHandler:
         """Context manager turning SIGTERM into :attr:`preempted` (see module doc)."""

@@ -6,6 +6,7 @@ dataset; `preprocessing` is the official VAR transform; `iterators` makes the re
 Only this package uses TensorFlow, and it is imported when a function below is first called, so
 importing the package (the trainers, the benchmarks) stays cheap and changes nothing in TF.
 """
+
 import importlib
 import logging
 
@@ -41,12 +42,16 @@ def hide_accelerators_from_tensorflow() -> bool:
     already set up an accelerator and may hold its memory.
     """
     import tensorflow as tf
+
     try:
         tf.config.set_visible_devices(tf.config.list_physical_devices('CPU'))
     except RuntimeError:  # TF's devices are initialised already: the visibility can no longer change.
         visible = [d.name for d in tf.config.get_visible_devices() if d.device_type != 'CPU']
         if visible:
-            logging.warning('TensorFlow was initialised before hide_accelerators_from_tensorflow() and sees %s; '
-                            'it may hold memory JAX needs. Call it before any data function.', visible)
+            logging.warning(
+                'TensorFlow was initialised before hide_accelerators_from_tensorflow() and sees %s; '
+                'it may hold memory JAX needs. Call it before any data function.',
+                visible,
+            )
             return False
     return True

@@ -24,6 +24,7 @@ batch of the epoch's permutation, so the global batches (and their crops) are th
 and within an epoch no example is read twice or skipped. A streamed split: each process reads its own equal-size
 shard (TFDS `even_splits` with drop_remainder), so all hosts have the same number of steps per epoch.
 """
+
 import itertools
 from typing import Iterator, Optional
 
@@ -39,19 +40,21 @@ def process_layout(process_index: Optional[int] = None, process_count: Optional[
     """(process_index, process_count), JAX's where not given, checked: which shard of the data this host reads."""
     if process_index is None or process_count is None:
         import jax  # Only needed for the defaults.
+
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f'process_index={process_index} must be in [0, process_count='
-                         f'{process_count}).')
+        raise ValueError(f'process_index={process_index} must be in [0, process_count={process_count}).')
     return process_index, process_count
 
 
 def host_batch_size(global_batch_size: int, process_count: int) -> int:
     """This host's share of a global batch (each host loads its own examples)."""
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f'global batch size {global_batch_size} must be a positive multiple of '
-                         f'the process count {process_count}; change the batch size.')
+        raise ValueError(
+            f'global batch size {global_batch_size} must be a positive multiple of '
+            f'the process count {process_count}; change the batch size.'
+        )
     return global_batch_size // process_count
 
 
@@ -60,9 +63,15 @@ def derive_seed(*ints) -> int:
     return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def make_train_iterator(data_config, global_batch_size: int, *, seed: int, start_step: int = 0,
-                        process_index: Optional[int] = None,
-                        process_count: Optional[int] = None) -> Iterator[dict]:
+def make_train_iterator(
+    data_config,
+    global_batch_size: int,
+    *,
+    seed: int,
+    start_step: int = 0,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+) -> Iterator[dict]:
     """Infinite iterator of this host's training batches, starting at global step `start_step`.
 
     `data_config` is `config.data`. Yields {'image': float32 (b, R, R, 3) in [-1, 1], 'label': int32 (b,)}
@@ -82,8 +91,10 @@ def make_train_iterator(data_config, global_batch_size: int, *, seed: int, start
     whole = shard.select is not None
     steps_per_epoch = shard.num_examples // (global_batch_size if whole else batch)
     if steps_per_epoch == 0:
-        raise ConfigError(f'{"the split" if whole else "this host"} has {shard.num_examples} training examples, fewer '
-                          f'than one batch of {global_batch_size if whole else batch}; use a smaller batch or more data.')
+        raise ConfigError(
+            f'{"the split" if whole else "this host"} has {shard.num_examples} training examples, fewer '
+            f'than one batch of {global_batch_size if whole else batch}; use a smaller batch or more data.'
+        )
     first_epoch, skip_batches = divmod(int(start_step), steps_per_epoch)
 
     def epoch_examples(epoch_seed):
@@ -91,30 +102,34 @@ def make_train_iterator(data_config, global_batch_size: int, *, seed: int, start
         if not whole:
             return shard.ordered(epoch_seed).take(steps_per_epoch * batch).enumerate()
         order = np.random.default_rng(epoch_seed).permutation(shard.num_examples)
-        rows = order[:steps_per_epoch * global_batch_size].reshape(steps_per_epoch, process_count, batch)
-        positions = (np.arange(steps_per_epoch)[:, None] * global_batch_size + process_index * batch
-                     + np.arange(batch)[None]).ravel()
-        return tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(positions),
-                                   shard.select(rows[:, process_index].ravel()))
+        rows = order[: steps_per_epoch * global_batch_size].reshape(steps_per_epoch, process_count, batch)
+        positions = (
+            np.arange(steps_per_epoch)[:, None] * global_batch_size + process_index * batch + np.arange(batch)[None]
+        ).ravel()
+        return tf.data.Dataset.zip(
+            tf.data.Dataset.from_tensor_slices(positions), shard.select(rows[:, process_index].ravel())
+        )
 
     def batches():
         skip = skip_batches
         for epoch in itertools.count(first_epoch):
             epoch_seed = derive_seed(seed, epoch)
-            ds = (epoch_examples(epoch_seed)
-                  .skip(skip * batch)
-                  .map(preprocessing.train_preprocess(cfg, epoch_seed, shard.decode),
-                       num_parallel_calls=tf.data.AUTOTUNE)
-                  .batch(batch, drop_remainder=True)
-                  .prefetch(2))
+            ds = (
+                epoch_examples(epoch_seed)
+                .skip(skip * batch)
+                .map(preprocessing.train_preprocess(cfg, epoch_seed, shard.decode), num_parallel_calls=tf.data.AUTOTUNE)
+                .batch(batch, drop_remainder=True)
+                .prefetch(2)
+            )
             yield from ds.as_numpy_iterator()
             skip = 0
 
     return batches()
 
 
-def make_eval_iterator(data_config, global_batch_size: int, *, process_index: Optional[int] = None,
-                       process_count: Optional[int] = None) -> Iterator[dict]:
+def make_eval_iterator(
+    data_config, global_batch_size: int, *, process_index: Optional[int] = None, process_count: Optional[int] = None
+) -> Iterator[dict]:
     """Finite iterator over this host's part of the eval split (center crop), in a fixed order.
 
     Every host yields the same number of batches (collectives need it): partial and missing
@@ -136,15 +151,16 @@ def make_eval_iterator(data_config, global_batch_size: int, *, process_index: Op
     def batches():
         size = cfg.image_size
         count = 0
-        ds = (shard.ordered(None)
-              .map(preprocessing.eval_preprocess(cfg, shard.decode), num_parallel_calls=tf.data.AUTOTUNE)
-              .batch(batch)
-              .prefetch(2))
+        ds = (
+            shard.ordered(None)
+            .map(preprocessing.eval_preprocess(cfg, shard.decode), num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(batch)
+            .prefetch(2)
+        )
         for example in ds.as_numpy_iterator():
             count += 1
             yield pad(example, len(example['label']))
-        empty = {'image': np.zeros((0, size, size, 3), np.float32),
-                 'label': np.zeros((0,), np.int32)}
+        empty = {'image': np.zeros((0, size, size, 3), np.float32), 'label': np.zeros((0,), np.int32)}
         while count < num_batches:
             count += 1
             yield pad(empty, 0)

@@ -11,6 +11,7 @@ Folder images are decoded by PIL like the official loader's `convert('RGB')`, ex
 silently loses the picture: 16-bit greyscale is scaled to 8 bits instead of clipped to white, and
 transparent images are composited on a white background instead of losing their alpha.
 """
+
 import numpy as np
 import PIL.Image
 import tensorflow as tf
@@ -26,7 +27,8 @@ def decode_encoded(encoded):
     image = tf.cond(
         tf.io.is_jpeg(encoded),
         lambda: tf.io.decode_jpeg(encoded, channels=3, dct_method='INTEGER_ACCURATE'),
-        lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False))
+        lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
+    )
     image.set_shape([None, None, 3])
     return image
 
@@ -61,8 +63,7 @@ def resize_short_side(image, size: int):
     long_side = size * tf.maximum(h, w) // tf.minimum(h, w)
     new_h = tf.where(h <= w, size, long_side)
     new_w = tf.where(h <= w, long_side, size)
-    image = tf.image.resize(tf.cast(image, tf.float32), tf.stack([new_h, new_w]),
-                            method='lanczos3', antialias=True)
+    image = tf.image.resize(tf.cast(image, tf.float32), tf.stack([new_h, new_w]), method='lanczos3', antialias=True)
     return tf.round(tf.clip_by_value(image, 0.0, 255.0))  # PIL's resize returns uint8.
 
 
@@ -71,7 +72,7 @@ def center_crop(image, size: int):
     h, w = tf.shape(image)[0], tf.shape(image)[1]
     top = tf.cast(tf.round(tf.cast(h - size, tf.float32) / 2), tf.int32)
     left = tf.cast(tf.round(tf.cast(w - size, tf.float32) / 2), tf.int32)
-    return image[top:top + size, left:left + size]
+    return image[top : top + size, left : left + size]
 
 
 def to_model_range(image):
@@ -98,6 +99,7 @@ def train_preprocess(cfg, epoch_seed: int, decode):
 
 def eval_preprocess(cfg, decode):
     """(key, label) -> example with the center crop."""
+
     def fn(key, label):
         image = resize_short_side(decode(key), round(cfg.resize_ratio * cfg.image_size))
         image = center_crop(image, cfg.image_size)

@@ -19,6 +19,7 @@ The settings (`spec`) name everything that changes the tokens: the data settings
 the tokenizer's fingerprint (a hash of its config and params), L, N and the views. A cache built under
 other settings is rebuilt (one warning says which differ), never reused.
 """
+
 import itertools
 import json
 import logging
@@ -35,17 +36,24 @@ from var_jax import checkpoint, sharding
 from var_jax.data import preprocessing, sources
 from var_jax.data.config import validate_config
 from var_jax.data.iterators import derive_seed, host_batch_size, process_layout
+from var_jax.errors import ConfigError, MissingFileError
 from var_jax.fileio import atomic_write, atomic_write_json
 from var_jax.models.vqvae import VQVAE
-from var_jax.errors import ConfigError, MissingFileError
 
 CACHE_VERSION = 1
-SHARD_IMAGES = 8192   # images per shard file (ImageNet 256 px, 1 view: 11 MB); a killed build loses at most one
-MAX_VOCAB = 1 << 16   # token ids are stored as uint16
-VIEW_SALT = 1 << 40   # separates the views' seeds from the image iterator's (seed, epoch) seeds
+SHARD_IMAGES = 8192  # images per shard file (ImageNet 256 px, 1 view: 11 MB); a killed build loses at most one
+MAX_VOCAB = 1 << 16  # token ids are stored as uint16
+VIEW_SALT = 1 << 40  # separates the views' seeds from the image iterator's (seed, epoch) seeds
 # Data fields that do not change the stored pixels (order, caching, the eval split, the cache switch itself).
-_NOT_PIXELS = ('data_dir', 'shuffle_buffer', 'in_memory_max_mb', 'eval_split', 'eval_folder', 'pretokenize',
-               'synthetic_test_size')
+_NOT_PIXELS = (
+    'data_dir',
+    'shuffle_buffer',
+    'in_memory_max_mb',
+    'eval_split',
+    'eval_folder',
+    'pretokenize',
+    'synthetic_test_size',
+)
 
 
 def entries_per_image(cfg) -> int:
@@ -80,18 +88,27 @@ def view_preprocess(cfg, seed: int, decode):
     return fn
 
 
-def cache_spec(cfg, *, fingerprint: str, seq_len: int, seed: int, num_examples: int, process_index: int,
-               process_count: int) -> dict:
+def cache_spec(
+    cfg, *, fingerprint: str, seq_len: int, seed: int, num_examples: int, process_index: int, process_count: int
+) -> dict:
     """Everything the stored tokens depend on; a cache is reused only when its spec equals this one."""
     data = {k: v for k, v in dict(cfg.items()).items() if k not in _NOT_PIXELS}
     if cfg.source != 'synthetic':
         data = {k: v for k, v in data.items() if not k.startswith('synthetic_')}
     if cfg.source == 'folder':
         data['folder'] = os.path.realpath(os.path.expanduser(cfg.folder))
-    spec = dict(version=CACHE_VERSION, tokenizer=fingerprint, data=data, seq_len=int(seq_len),
-                entries=entries_per_image(cfg), crop_seed=int(seed) if cfg.pretokenize_crops > 1 else None,
-                num_examples=int(num_examples), process_index=int(process_index), process_count=int(process_count),
-                shard_images=SHARD_IMAGES)
+    spec = dict(
+        version=CACHE_VERSION,
+        tokenizer=fingerprint,
+        data=data,
+        seq_len=int(seq_len),
+        entries=entries_per_image(cfg),
+        crop_seed=int(seed) if cfg.pretokenize_crops > 1 else None,
+        num_examples=int(num_examples),
+        process_index=int(process_index),
+        process_count=int(process_count),
+        shard_images=SHARD_IMAGES,
+    )
     return json.loads(json.dumps(spec))  # as it reads back from the manifest
 
 
@@ -107,8 +124,9 @@ def _differences(old: dict, new: dict) -> str:
     keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if 'data' in keys:
         keys.remove('data')
-        keys += sorted(f'data.{k}' for k in set(old['data']) | set(new['data'])
-                       if old['data'].get(k) != new['data'].get(k))
+        keys += sorted(
+            f'data.{k}' for k in set(old['data']) | set(new['data']) if old['data'].get(k) != new['data'].get(k)
+        )
     return ', '.join(sorted(keys))
 
 
@@ -122,9 +140,19 @@ def _shard_names(k: int):
     return f'tokens_{k:05d}.npy', f'labels_{k:05d}.npy'
 
 
-def build_token_cache(data_config, cache_root: str, encode: Callable[[np.ndarray], np.ndarray], *,
-                      fingerprint: str, seq_len: int, vocab_size: int, seed: int, batch_images: int = 64,
-                      process_index: Optional[int] = None, process_count: Optional[int] = None) -> str:
+def build_token_cache(
+    data_config,
+    cache_root: str,
+    encode: Callable[[np.ndarray], np.ndarray],
+    *,
+    fingerprint: str,
+    seq_len: int,
+    vocab_size: int,
+    seed: int,
+    batch_images: int = 64,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+) -> str:
     """Encodes this host's training images into `cache_root` unless a matching cache is there; returns its dir.
 
     encode: float32 (n, R, R, 3) views in [-1, 1] -> (n, seq_len) token ids (the frozen tokenizer's
@@ -134,12 +162,21 @@ def build_token_cache(data_config, cache_root: str, encode: Callable[[np.ndarray
     """
     cfg = validate_config(data_config)
     if vocab_size > MAX_VOCAB:
-        raise ConfigError(f'data.pretokenize stores token ids as uint16, but vae.vocab_size={vocab_size} > '
-                         f'{MAX_VOCAB}; set data.pretokenize=False for this tokenizer')
+        raise ConfigError(
+            f'data.pretokenize stores token ids as uint16, but vae.vocab_size={vocab_size} > '
+            f'{MAX_VOCAB}; set data.pretokenize=False for this tokenizer'
+        )
     process_index, process_count = process_layout(process_index, process_count)
     shard = sources.shard(cfg, True, process_index, process_count)
-    spec = cache_spec(cfg, fingerprint=fingerprint, seq_len=seq_len, seed=seed, num_examples=shard.num_examples,
-                      process_index=process_index, process_count=process_count)
+    spec = cache_spec(
+        cfg,
+        fingerprint=fingerprint,
+        seq_len=seq_len,
+        seed=seed,
+        num_examples=shard.num_examples,
+        process_index=process_index,
+        process_count=process_count,
+    )
     out = host_dir(cache_root, process_index, process_count)
     os.makedirs(out, exist_ok=True)
     manifest_path, building_path = os.path.join(out, 'manifest.json'), os.path.join(out, 'building.json')
@@ -151,12 +188,18 @@ def build_token_cache(data_config, cache_root: str, encode: Callable[[np.ndarray
         logging.warning('token cache %s lacks %s; rebuilding it', out, ', '.join(missing[:3]))
         _clear(out)
     elif manifest is not None:
-        logging.warning('token cache %s was built under other settings (%s differ); rebuilding it', out,
-                        _differences(manifest.get('spec') or {}, spec))
+        logging.warning(
+            'token cache %s was built under other settings (%s differ); rebuilding it',
+            out,
+            _differences(manifest.get('spec') or {}, spec),
+        )
         _clear(out)
     elif os.path.exists(building_path) and _read_json(building_path) != spec:
-        logging.warning('unfinished token cache %s was started under other settings (%s differ); rebuilding it',
-                        out, _differences(_read_json(building_path) or {}, spec))
+        logging.warning(
+            'unfinished token cache %s was started under other settings (%s differ); rebuilding it',
+            out,
+            _differences(_read_json(building_path) or {}, spec),
+        )
         _clear(out)
     for name in os.listdir(out):  # temporary files of writes a killed build left behind
         if '.tmp' in name:
@@ -171,14 +214,20 @@ def build_token_cache(data_config, cache_root: str, encode: Callable[[np.ndarray
     done = min(first * SHARD_IMAGES, n)
     views = f'{cfg.pretokenize_crops} view{"s" if cfg.pretokenize_crops > 1 else ""}'
     views += ' and their mirrors' if cfg.random_flip else ''
-    print(f'[pretokenize] encoding {n} training images x {views} with the frozen tokenizer into {out}'
-          + (f' (resuming after {done} images)' if done else '') + ' ...', flush=True)
-    ds = (shard.ordered(None)
-          .enumerate()  # the position in the shard seeds the random crops
-          .skip(done)   # before decoding: skipping costs no JPEG decode
-          .map(view_preprocess(cfg, seed, shard.decode), num_parallel_calls=tf.data.AUTOTUNE)
-          .batch(batch_images)
-          .prefetch(2))
+    print(
+        f'[pretokenize] encoding {n} training images x {views} with the frozen tokenizer into {out}'
+        + (f' (resuming after {done} images)' if done else '')
+        + ' ...',
+        flush=True,
+    )
+    ds = (
+        shard.ordered(None)
+        .enumerate()  # the position in the shard seeds the random crops
+        .skip(done)  # before decoding: skipping costs no JPEG decode
+        .map(view_preprocess(cfg, seed, shard.decode), num_parallel_calls=tf.data.AUTOTUNE)
+        .batch(batch_images)
+        .prefetch(2)
+    )
     t0 = time.time()
     t_first = last_print = None
     tokens, labels, k = [], [], first
@@ -204,14 +253,19 @@ def build_token_cache(data_config, cache_root: str, encode: Callable[[np.ndarray
             print(f'[pretokenize] {done}/{n} images | {rate:.1f} img/s | ETA {eta / 60:.1f} min', flush=True)
             last_print = now
     if done != n:
-        raise RuntimeError(f'the training split yielded {done} images, expected {n}; the cache in {out} is '
-                           f'left unfinished (run again to resume)')
+        raise RuntimeError(
+            f'the training split yielded {done} images, expected {n}; the cache in {out} is '
+            f'left unfinished (run again to resume)'
+        )
     names = [_shard_names(i) for i in range(num_shards)]
     atomic_write_json(manifest_path, dict(spec=spec, shards=[dict(tokens=t, labels=l) for t, l in names]))
     os.remove(building_path)
     size = n * E * seq_len * 2
-    print(f'[pretokenize] cached {n} images x {E} token maps x {seq_len} tokens ({size / 2 ** 20:.1f} MiB) in '
-          f'{time.time() - t0:.1f} s', flush=True)
+    print(
+        f'[pretokenize] cached {n} images x {E} token maps x {seq_len} tokens ({size / 2**20:.1f} MiB) in '
+        f'{time.time() - t0:.1f} s',
+        flush=True,
+    )
     return out
 
 
@@ -224,9 +278,15 @@ def _write_shard(out: str, k: int, tokens: np.ndarray, labels: np.ndarray):
     return [tokens[SHARD_IMAGES:]], [labels[SHARD_IMAGES:]]
 
 
-def make_token_iterator(cache_root: str, global_batch_size: int, *, seed: int, start_step: int = 0,
-                        process_index: Optional[int] = None,
-                        process_count: Optional[int] = None) -> Iterator[dict]:
+def make_token_iterator(
+    cache_root: str,
+    global_batch_size: int,
+    *,
+    seed: int,
+    start_step: int = 0,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+) -> Iterator[dict]:
     """Infinite iterator of this host's pre-tokenised training batches, starting at global step `start_step`.
 
     The contract of `make_train_iterator`: yields {'tokens': int32 (b, L), 'label': int32 (b,)} with
@@ -244,8 +304,10 @@ def make_token_iterator(cache_root: str, global_batch_size: int, *, seed: int, s
     out = host_dir(cache_root, process_index, process_count)
     manifest = _read_json(os.path.join(out, 'manifest.json'))
     if manifest is None:
-        raise MissingFileError(f'no finished token cache in {out}; the transformer stage builds it when '
-                                f'data.pretokenize=True (var_jax.data.tokens.build_token_cache)')
+        raise MissingFileError(
+            f'no finished token cache in {out}; the transformer stage builds it when '
+            f'data.pretokenize=True (var_jax.data.tokens.build_token_cache)'
+        )
     spec = manifest['spec']
     tokens = [np.load(os.path.join(out, s['tokens']), mmap_mode='r') for s in manifest['shards']]
     labels = np.concatenate([np.load(os.path.join(out, s['labels'])) for s in manifest['shards']])
@@ -254,8 +316,10 @@ def make_token_iterator(cache_root: str, global_batch_size: int, *, seed: int, s
         raise ConfigError(f'token cache {out} holds {len(labels)} images, its manifest says {n}; delete it to rebuild')
     steps_per_epoch = n // batch
     if steps_per_epoch == 0:
-        raise ConfigError(f'this host has {n} training examples, fewer than one per-host batch of {batch}; '
-                         f'use a smaller batch or more data.')
+        raise ConfigError(
+            f'this host has {n} training examples, fewer than one per-host batch of {batch}; '
+            f'use a smaller batch or more data.'
+        )
     first_epoch, skip = divmod(int(start_step), steps_per_epoch)
 
     def gather(positions, entries):
@@ -273,7 +337,7 @@ def make_token_iterator(cache_root: str, global_batch_size: int, *, seed: int, s
             perm = np.random.default_rng(derive_seed(seed, epoch)).permutation(n)
             entry = np.random.default_rng(derive_seed(seed, epoch, VIEW_SALT)).integers(0, E, n)
             for b in range(b0, steps_per_epoch):
-                positions = perm[b * batch:(b + 1) * batch]
+                positions = perm[b * batch : (b + 1) * batch]
                 yield {'tokens': gather(positions, entry[positions]), 'label': labels[positions]}
             b0 = 0
 
@@ -294,8 +358,11 @@ def make_encoder(vqvae: VQVAE, vae_params, per_device: int = 64):
     images: one compile. 64 images per device keep a 256-px encoder's memory modest."""
     mesh = sharding.make_mesh(1, devices=jax.local_devices())
     rep, split = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    fn = jax.jit(lambda p, x: jnp.concatenate(vqvae.apply({'params': p}, x, method=VQVAE.img_to_idx), axis=1),
-                 in_shardings=(rep, split), out_shardings=split)
+    fn = jax.jit(
+        lambda p, x: jnp.concatenate(vqvae.apply({'params': p}, x, method=VQVAE.img_to_idx), axis=1),
+        in_shardings=(rep, split),
+        out_shardings=split,
+    )
     n = per_device * mesh.size
     on_devices = []  # the params on this host's devices, put there by the first call (none when a cache is reused)
 
@@ -307,7 +374,8 @@ def make_encoder(vqvae: VQVAE, vae_params, per_device: int = 64):
         for i in range(0, len(images), n):
             m = min(n, len(images) - i)
             chunk = np.zeros((n,) + images.shape[1:], np.float32)
-            chunk[:m] = images[i:i + m]
+            chunk[:m] = images[i : i + m]
             out.append(np.asarray(fn(params, chunk))[:m])
         return np.concatenate(out)
+
     return encode

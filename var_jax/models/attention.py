@@ -16,6 +16,7 @@ query sees every key of its own block and of all earlier blocks. Implementations
 The platform is `platform.target_platform()`: the default backend, or the one a deviceless
 ahead-of-time compile is for (benchmarks/aot.py).
 """
+
 from typing import Sequence
 
 import jax
@@ -27,6 +28,7 @@ from var_jax.models.platform import target_platform
 IMPLEMENTATIONS = ('auto', 'xla', 'splash', 'cudnn')
 SPLASH_BLOCK = 128  # splash tile side (q and kv); sequences are padded to a multiple of it
 CACHED_SPLASH_MIN_QUERIES = 32  # the sampler's attention: splash from this many queries per scale on
+
 
 def resolve(implementation: str, dtype) -> str:
     """The concrete implementation of `implementation` for the target platform and compute dtype."""
@@ -95,8 +97,9 @@ def attend(q, k, v, *, sizes: Sequence[int], scale: float, implementation: str =
     mask = jnp.asarray(block_causal(sizes))
     if impl == 'cudnn':  # cuDNN takes (B, L, H, hd)
         t = lambda x: x.transpose(0, 2, 1, 3)
-        return t(jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask[None, None], scale=scale,
-                                              implementation='cudnn'))
+        return t(
+            jax.nn.dot_product_attention(t(q), t(k), t(v), mask=mask[None, None], scale=scale, implementation='cudnn')
+        )
     return _softmax_attention(q, k, v, scale, mask)
 
 
@@ -148,13 +151,23 @@ def cached_mask(n: int, total: int, block: int = SPLASH_BLOCK) -> np.ndarray:
 def _splash_kernel(mask: np.ndarray, heads: int, interpret: bool, seq_minor: bool = False):
     """Built per trace: the kernel holds its mask tables as arrays, which must belong to the trace."""
     from jax.experimental.pallas.ops.tpu import splash_attention as sa  # Pallas only where used
+
     m = sa.NumpyMask(np.ascontiguousarray(mask))
     b = SPLASH_BLOCK
-    blocks = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
-                           block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b,
-                           **({f'{x}_layout': sa.QKVLayout.SEQ_MINOR for x in 'qkv'} if seq_minor else {}))
-    return sa.make_splash_mha(sa.MultiHeadMask([m] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                              interpret=interpret)
+    blocks = sa.BlockSizes(
+        block_q=b,
+        block_kv=b,
+        block_kv_compute=b,
+        block_q_dkv=b,
+        block_kv_dkv=b,
+        block_kv_dkv_compute=b,
+        block_q_dq=b,
+        block_kv_dq=b,
+        **({f'{x}_layout': sa.QKVLayout.SEQ_MINOR for x in 'qkv'} if seq_minor else {}),
+    )
+    return sa.make_splash_mha(
+        sa.MultiHeadMask([m] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
 
 
 def _splash(q, k, v, mask, scale, seq_minor=False):
@@ -182,5 +195,4 @@ def _splash(q, k, v, mask, scale, seq_minor=False):
     if mesh.empty or mesh.size == 1:
         return per_device(q, k, v)
     spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
-                         check_vma=False)(q, k, v)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)(q, k, v)

@@ -16,12 +16,13 @@ how it is split across devices). GroupNorm normalizes each example on its own, s
 discriminator is a plain function of (params, images). Like taming's BatchNorm layers the
 normalized convolutions have no bias (the norm's shift plays that role).
 """
+
 import math
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-_conv_init = nn.initializers.normal(0.02)   # taming's weights_init: N(0, 0.02) conv weights
+_conv_init = nn.initializers.normal(0.02)  # taming's weights_init: N(0, 0.02) conv weights
 
 
 def _patch_side(side: int, n_layers: int) -> int:
@@ -37,6 +38,7 @@ def _norm(channels: int, name: str):
 
 class PatchDiscriminator(nn.Module):
     """NLayerDiscriminator: NHWC images in [-1, 1] -> (B, h, w, 1) patch logits."""
+
     ndf: int = 64
     n_layers: int = 3
 
@@ -47,14 +49,17 @@ class PatchDiscriminator(nn.Module):
         side = min(x.shape[1], x.shape[2])
         if _patch_side(side, self.n_layers) < 1:
             fits = [n for n in range(1, self.n_layers) if _patch_side(side, n) >= 1]
-            raise ValueError(f'{side} px images are too small for a discriminator with n_layers={self.n_layers}; '
-                             f'set tokenizer.disc_layers to at most {max(fits, default=0)}')
+            raise ValueError(
+                f'{side} px images are too small for a discriminator with n_layers={self.n_layers}; '
+                f'set tokenizer.disc_layers to at most {max(fits, default=0)}'
+            )
         conv = lambda c, stride, name, bias=True: nn.Conv(
-            c, (4, 4), strides=stride, padding=1, use_bias=bias, kernel_init=_conv_init, name=name)
+            c, (4, 4), strides=stride, padding=1, use_bias=bias, kernel_init=_conv_init, name=name
+        )
         h = nn.leaky_relu(conv(self.ndf, 2, 'conv_0')(x), 0.2)
         for i in range(1, self.n_layers):
-            c = self.ndf * min(2 ** i, 8)
+            c = self.ndf * min(2**i, 8)
             h = nn.leaky_relu(_norm(c, f'norm_{i}')(conv(c, 2, f'conv_{i}', bias=False)(h)), 0.2)
-        c = self.ndf * min(2 ** self.n_layers, 8)
+        c = self.ndf * min(2**self.n_layers, 8)
         h = nn.leaky_relu(_norm(c, f'norm_{self.n_layers}')(conv(c, 1, f'conv_{self.n_layers}', bias=False)(h)), 0.2)
         return conv(1, 1, 'conv_out')(h).astype(jnp.float32)

@@ -18,6 +18,7 @@ cut to its first 7 channels and flattened in NHWC order, as `evaluations/evaluat
 Weights are never downloaded: `python -m var_jax.convert --inception <pth> --out <npz>` converts
 the file `pytorch-fid` uses (WHERE_TO_GET) once; `load_params(npz)` reads it without torch.
 """
+
 import os
 from typing import Sequence
 
@@ -27,20 +28,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from var_jax.models.resize import resize
 from var_jax.errors import MissingFileError, UserError
+from var_jax.models.resize import resize
 
-SIZE = 299                      # the graph's input side
-NUM_CLASSES = 1008              # the 2015 graph's label set
+SIZE = 299  # the graph's input side
+NUM_CLASSES = 1008  # the 2015 graph's label set
 POOL_DIM = 2048
-SPATIAL_CHANNELS = 7            # ADM keeps the first 7 channels of mixed_6/conv
+SPATIAL_CHANNELS = 7  # ADM keeps the first 7 channels of mixed_6/conv
 SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
 PTH_FILE = 'pt_inception-2015-12-05-6726825d.pth'
 WHERE_TO_GET = (
-    f'{PTH_FILE} is the FID Inception of pytorch-fid (TensorFlow\'s 2015-12-05 graph ported to PyTorch): '
+    f"{PTH_FILE} is the FID Inception of pytorch-fid (TensorFlow's 2015-12-05 graph ported to PyTorch): "
     f'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{PTH_FILE} (also cached by '
     f'pytorch-fid in ~/.cache/torch/hub/checkpoints/). Convert it once (needs torch): python -m var_jax.convert '
-    f'--inception {PTH_FILE} --out checkpoints/inception_fid.npz, then set --config.eval.inception_path to the .npz')
+    f'--inception {PTH_FILE} --out checkpoints/inception_fid.npz, then set --config.eval.inception_path to the .npz'
+)
 
 
 class InceptionWeightsError(UserError):
@@ -53,6 +55,7 @@ class BasicConv2d(nn.Module):
     The BN parameters keep torch's names (scale = weight, bias, running_mean, running_var) so that the
     converter maps state-dict keys one to one.
     """
+
     features: int
     kernel: Sequence[int] = (1, 1)
     stride: int = 1
@@ -61,8 +64,14 @@ class BasicConv2d(nn.Module):
     @nn.compact
     def __call__(self, x):
         ph, pw = self.padding
-        x = nn.Conv(self.features, tuple(self.kernel), (self.stride, self.stride),
-                    padding=((ph, ph), (pw, pw)), use_bias=False, name='conv')(x)
+        x = nn.Conv(
+            self.features,
+            tuple(self.kernel),
+            (self.stride, self.stride),
+            padding=((ph, ph), (pw, pw)),
+            use_bias=False,
+            name='conv',
+        )(x)
         bn = _FrozenBatchNorm(self.features, name='bn')
         return nn.relu(bn(x))
 
@@ -81,6 +90,7 @@ class _FrozenBatchNorm(nn.Module):
 
 class _Classifier(nn.Module):
     """The fc layer as (x @ kernel, bias): the Inception Score of ADM uses the product without the bias."""
+
     features: int
 
     @nn.compact
@@ -128,6 +138,7 @@ class InceptionB(nn.Module):
 
 class InceptionC(nn.Module):
     """The 17 x 17 blocks; also returns the 1x1 branch (Mixed_6d's is the graph's mixed_6/conv)."""
+
     channels_7x7: int
 
     @nn.compact
@@ -160,18 +171,29 @@ class InceptionD(nn.Module):
 
 class InceptionE(nn.Module):
     """The 8 x 8 blocks; `max_pool` is the FID graph's Mixed_7c, which max-pools its pool branch."""
+
     max_pool: bool = False
 
     @nn.compact
     def __call__(self, x):
         b1 = BasicConv2d(320, name='branch1x1')(x)
         b3 = BasicConv2d(384, name='branch3x3_1')(x)
-        b3 = jnp.concatenate([BasicConv2d(384, (1, 3), padding=(0, 1), name='branch3x3_2a')(b3),
-                              BasicConv2d(384, (3, 1), padding=(1, 0), name='branch3x3_2b')(b3)], axis=-1)
+        b3 = jnp.concatenate(
+            [
+                BasicConv2d(384, (1, 3), padding=(0, 1), name='branch3x3_2a')(b3),
+                BasicConv2d(384, (3, 1), padding=(1, 0), name='branch3x3_2b')(b3),
+            ],
+            axis=-1,
+        )
         bd = BasicConv2d(448, name='branch3x3dbl_1')(x)
         bd = BasicConv2d(384, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
-        bd = jnp.concatenate([BasicConv2d(384, (1, 3), padding=(0, 1), name='branch3x3dbl_3a')(bd),
-                              BasicConv2d(384, (3, 1), padding=(1, 0), name='branch3x3dbl_3b')(bd)], axis=-1)
+        bd = jnp.concatenate(
+            [
+                BasicConv2d(384, (1, 3), padding=(0, 1), name='branch3x3dbl_3a')(bd),
+                BasicConv2d(384, (3, 1), padding=(1, 0), name='branch3x3dbl_3b')(bd),
+            ],
+            axis=-1,
+        )
         # torch's max_pool2d pads with -inf, as flax's max_pool does.
         pooled = nn.max_pool(x, (3, 3), (1, 1), ((1, 1), (1, 1))) if self.max_pool else _avg_pool_3x3(x)
         bp = BasicConv2d(192, name='branch_pool')(pooled)
@@ -184,6 +206,7 @@ class InceptionV3(nn.Module):
     Returns {'pool': (B, 2048), 'logits': (B, 1008), 'logits_unbiased': (B, 1008), 'spatial': (B, 2023)}.
     `resize_input=False` feeds the images as they are (they must then be 299 px for 'spatial').
     """
+
     resize_input: bool = True
 
     @nn.compact
@@ -232,23 +255,30 @@ def flatten_params(params) -> dict:
 def load_params(path: str):
     """Reads the .npz of `python -m var_jax.convert --inception` (`flatten_params` layout); checks every entry."""
     if not path:
-        raise InceptionWeightsError('no Inception weights configured (config.eval.inception_path is empty). '
-                                    + WHERE_TO_GET)
+        raise InceptionWeightsError(
+            'no Inception weights configured (config.eval.inception_path is empty). ' + WHERE_TO_GET
+        )
     if not os.path.exists(path):
         raise MissingFileError(f'Inception weights {path} not found. ' + WHERE_TO_GET)
     if not path.endswith('.npz'):
-        raise InceptionWeightsError(f'{path}: expected the .npz written by python -m var_jax.convert --inception. '
-                                    + WHERE_TO_GET)
+        raise InceptionWeightsError(
+            f'{path}: expected the .npz written by python -m var_jax.convert --inception. ' + WHERE_TO_GET
+        )
     with np.load(path) as f:
         flat = {k: f[k] for k in f.files}
     expected = {'/'.join(k): v.shape for k, v in traverse_util.flatten_dict(abstract_params()).items()}
     missing = sorted(set(expected) - set(flat))
     unexpected = sorted(set(flat) - set(expected))
-    misshaped = [f'{k}: file {flat[k].shape}, model {expected[k]}' for k in expected
-                 if k in flat and flat[k].shape != expected[k]]
+    misshaped = [
+        f'{k}: file {flat[k].shape}, model {expected[k]}'
+        for k in expected
+        if k in flat and flat[k].shape != expected[k]
+    ]
     if missing or unexpected or misshaped:
-        report = '; '.join(f'{len(v)} {t}: {", ".join(map(str, v[:5]))}{" ..." if len(v) > 5 else ""}'
-                           for t, v in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped))
-                           if v)
+        report = '; '.join(
+            f'{len(v)} {t}: {", ".join(map(str, v[:5]))}{" ..." if len(v) > 5 else ""}'
+            for t, v in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped))
+            if v
+        )
         raise InceptionWeightsError(f'{path} is not the FID Inception ({report}). ' + WHERE_TO_GET)
     return traverse_util.unflatten_dict({tuple(k.split('/')): jnp.asarray(v, jnp.float32) for k, v in flat.items()})

@@ -15,29 +15,32 @@ one .npz (torch is needed only for that), which `load_lpips_params(path)` reads:
 
     python -m var_jax.convert --lpips_vgg16 vgg16-397923af.pth --lpips_lin vgg.pth --out lpips_vgg.npz
 """
+
 import os
 from collections.abc import Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+
 from var_jax.errors import MissingFileError, UserError
 
-SHIFT = (-.030, -.088, -.188)
-SCALE = (.458, .448, .450)
-BLOCKS = (2, 2, 3, 3, 3)             # 3x3 convs per VGG16 block; a tap after each block's last ReLU
-WIDTHS = (64, 128, 256, 512, 512)    # channels of the blocks (= of the five taps)
-MIN_SIDE = 2 ** (len(BLOCKS) - 1)    # four max-pools: relu5_3 is side // 16
+SHIFT = (-0.030, -0.088, -0.188)
+SCALE = (0.458, 0.448, 0.450)
+BLOCKS = (2, 2, 3, 3, 3)  # 3x3 convs per VGG16 block; a tap after each block's last ReLU
+WIDTHS = (64, 128, 256, 512, 512)  # channels of the blocks (= of the five taps)
+MIN_SIDE = 2 ** (len(BLOCKS) - 1)  # four max-pools: relu5_3 is side // 16
 
-VGG16_FILE = 'vgg16-397923af.pth'    # torchvision's name of its ImageNet VGG16 weights
-LIN_FILE = 'vgg.pth'                 # the lpips package's name of its VGG linear layers
+VGG16_FILE = 'vgg16-397923af.pth'  # torchvision's name of its ImageNet VGG16 weights
+LIN_FILE = 'vgg.pth'  # the lpips package's name of its VGG linear layers
 WHERE_TO_GET = (
-    f'{VGG16_FILE} is torchvision\'s ImageNet VGG16 state dict '
+    f"{VGG16_FILE} is torchvision's ImageNet VGG16 state dict "
     f'(https://download.pytorch.org/models/{VGG16_FILE}, also cached by torchvision.models.vgg16(weights=...) '
     f'in ~/.cache/torch/hub/checkpoints/); {LIN_FILE} holds the LPIPS linear layers of the lpips package '
     f'(lpips/weights/v0.1/{LIN_FILE} in a `pip install lpips` or in github.com/richzhang/PerceptualSimilarity). '
     f'Convert them once with python -m var_jax.convert --lpips_vgg16 {VGG16_FILE} --lpips_lin {LIN_FILE} '
-    f'--out lpips_vgg.npz')
+    f'--out lpips_vgg.npz'
+)
 
 
 class LPIPSWeightsError(UserError):
@@ -103,8 +106,10 @@ class LPIPS(nn.Module):
         if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f'LPIPS takes two NHWC RGB batches of one shape, got {x.shape} and {y.shape}')
         if min(x.shape[1:3]) < MIN_SIDE:
-            raise ValueError(f'LPIPS-VGG needs images of at least {MIN_SIDE} px (VGG16 pools four times), '
-                             f'got {x.shape[1]}x{x.shape[2]}')
+            raise ValueError(
+                f'LPIPS-VGG needs images of at least {MIN_SIDE} px (VGG16 pools four times), '
+                f'got {x.shape[1]}x{x.shape[2]}'
+            )
         vgg = VGG16Features(name='vgg')
         scale = lambda v: (v - jnp.asarray(SHIFT, v.dtype)) / jnp.asarray(SCALE, v.dtype)
         total = 0.0
@@ -117,8 +122,11 @@ class LPIPS(nn.Module):
 # --- weights ------------------------------------------------------------------------------------
 def check_tensors(state_dict: Mapping, shapes: dict, source: str) -> None:
     missing = [k for k in shapes if k not in state_dict]
-    misshaped = [f'{k}: file {tuple(np.shape(state_dict[k]))}, expected {shapes[k]}'
-                 for k in shapes if k in state_dict and tuple(np.shape(state_dict[k])) != shapes[k]]
+    misshaped = [
+        f'{k}: file {tuple(np.shape(state_dict[k]))}, expected {shapes[k]}'
+        for k in shapes
+        if k in state_dict and tuple(np.shape(state_dict[k])) != shapes[k]
+    ]
     if missing or misshaped:
         lines = [f'{source} does not hold the LPIPS-VGG weights:']
         if missing:
@@ -135,9 +143,10 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray]) -> dict:
     Checks nothing; see `_check`. Conv weights OIHW -> HWIO.
     """
     hwio = lambda k: np.asarray(state_dict[k], np.float32).transpose(2, 3, 1, 0)
-    vgg = {name: {'kernel': hwio(f'features.{i}.weight'), 'bias': np.asarray(state_dict[f'features.{i}.bias'],
-                                                                             np.float32)}
-           for name, i, _, _ in _convs()}
+    vgg = {
+        name: {'kernel': hwio(f'features.{i}.weight'), 'bias': np.asarray(state_dict[f'features.{i}.bias'], np.float32)}
+        for name, i, _, _ in _convs()
+    }
     lins = {f'lin{k}': {'kernel': hwio(f'lin{k}.model.1.weight')} for k in range(len(WIDTHS))}
     return {'vgg': vgg, **lins}
 

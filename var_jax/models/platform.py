@@ -4,6 +4,7 @@ sampler's token draws all choose by it.
 It is `jax.default_backend()`, unless `compile_target(platform)` says otherwise: compiling ahead of time for
 a TPU on a CPU host (benchmarks/aot.py) traces on the CPU backend for the TPU.
 """
+
 import contextlib
 from typing import Optional
 

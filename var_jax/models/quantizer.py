@@ -9,6 +9,7 @@ every later scale, and accelerators run float32 matmuls at DEFAULT precision as 
 
 Layouts: NHWC maps, token order row-major (l = y * pn + x), indices as lists of (B, pn^2).
 """
+
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -18,7 +19,6 @@ import numpy as np
 
 from var_jax.models.resize import padded_resize_matrix_2d, resize
 
-
 # The precision names of VQVAE.encode_precision / decode_precision. 'default' is None: the backend's default for
 # float32 (one bfloat16 pass on TPU, TF32 on recent GPUs, float32 on CPU) or jax_default_matmul_precision if set.
 PRECISIONS = {'highest': jax.lax.Precision.HIGHEST, 'high': jax.lax.Precision.HIGH, 'default': None}
@@ -27,8 +27,10 @@ PRECISIONS = {'highest': jax.lax.Precision.HIGHEST, 'high': jax.lax.Precision.HI
 def matmul_precision(name: str, field: str) -> Optional[jax.lax.Precision]:
     """'highest' | 'high' | 'default' -> the `precision` argument of the convs and matmuls it governs."""
     if name not in PRECISIONS:
-        raise ValueError(f'{field}={name!r} is not a matmul precision; use one of {sorted(PRECISIONS)} '
-                         f"('highest' keeps token ids equal to the float32 reference on TPU/GPU)")
+        raise ValueError(
+            f'{field}={name!r} is not a matmul precision; use one of {sorted(PRECISIONS)} '
+            f"('highest' keeps token ids equal to the float32 reference on TPU/GPU)"
+        )
     return PRECISIONS[name]
 
 
@@ -43,7 +45,8 @@ def validate_patch_nums(patch_nums: Sequence[int]) -> tuple:
     if len(pns) < 2 or pns[0] < 1 or any(b <= a for a, b in zip(pns, pns[1:])):
         raise ValueError(
             f'patch_nums must be at least two strictly increasing positive sizes such as '
-            f'(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), got {tuple(patch_nums)}')
+            f'(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), got {tuple(patch_nums)}'
+        )
     return pns
 
 
@@ -56,13 +59,13 @@ def phi_index_per_scale(num_phis: int, num_scales: int) -> tuple:
     arithmetic must be the same (numpy float64) to get [0,0,1,1,1,2,2,3,3,3].
     """
     k = num_phis
-    ticks = (np.linspace(1 / 3 / k, 1 - 1 / 3 / k, k) if k == 4
-             else np.linspace(1 / 2 / k, 1 - 1 / 2 / k, k))
+    ticks = np.linspace(1 / 3 / k, 1 - 1 / 3 / k, k) if k == 4 else np.linspace(1 / 2 / k, 1 - 1 / 2 / k, k)
     return tuple(int(np.argmin(np.abs(ticks - si / (num_scales - 1)))) for si in range(num_scales))
 
 
 class Phi(nn.Module):
     """phi(h) = (1 - r) h + r conv3x3(h): the refinement of an upsampled code map."""
+
     channels: int
     resi_ratio: float
     precision: Optional[jax.lax.Precision] = jax.lax.Precision.HIGHEST
@@ -81,6 +84,7 @@ class MultiScaleQuantizer(nn.Module):
     1e-6 means no phi (identity), as in the official code. precision: of every conv and matmul here
     (None: the backend's default); the token ids need HIGHEST off CPU.
     """
+
     vocab_size: int
     cvae: int
     patch_nums: Sequence[int]
@@ -112,8 +116,11 @@ class MultiScaleQuantizer(nn.Module):
         """Index of the nearest codebook row (squared L2, first index on ties) for z (..., Cvae)."""
         z = z.astype(jnp.float32)
         e = self.embedding.astype(jnp.float32)
-        d = (jnp.sum(z * z, axis=-1, keepdims=True) + jnp.sum(e * e, axis=-1)
-             - 2 * jnp.einsum('...c,vc->...v', z, e, precision=self.precision))
+        d = (
+            jnp.sum(z * z, axis=-1, keepdims=True)
+            + jnp.sum(e * e, axis=-1)
+            - 2 * jnp.einsum('...c,vc->...v', z, e, precision=self.precision)
+        )
         return jnp.argmin(d, axis=-1).astype(jnp.int32)
 
     def _resize(self, x, side: int, method: str):
@@ -137,7 +144,8 @@ class MultiScaleQuantizer(nn.Module):
         if f.ndim != 4 or f.shape[1:] != (full, full, self.cvae):
             raise ValueError(
                 f'latent must be (B, {full}, {full}, {self.cvae}) for patch_nums {self.pns}, got '
-                f'{f.shape}; the last patch size must equal the latent side')
+                f'{f.shape}; the last patch size must equal the latent side'
+            )
 
     # --- encoding / decoding ---------------------------------------------------------------
     def f_to_idx(self, f, return_fhat: bool = False):
@@ -184,17 +192,26 @@ class MultiScaleQuantizer(nn.Module):
         # Each scale's ids in the top-left of a side_in x side_in map; padded cells hold id 0 and meet only zero
         # columns of the resize matrices.
         where = np.zeros((S, side_in * side_in), np.int32)
-        for k, start in enumerate(np.cumsum((0,) + tuple(p * p for p in pns[:S - 1]))):
+        for k, start in enumerate(np.cumsum((0,) + tuple(p * p for p in pns[: S - 1]))):
             where[k, cells(pns[k], side_in)] = start + np.arange(pns[k] ** 2)
         ids = jnp.concatenate([i.reshape(B, -1) for i in idx_list[:S]], axis=1)[:, where]
         up = np.stack([padded_resize_matrix_2d(p, full, 'bicubic', side_in, full) for p in pns[:S]])
-        h = jnp.einsum('kon,bknc->bkoc', jnp.asarray(up, jnp.float32),
-                       jnp.take(self.embedding, ids, axis=0).astype(jnp.float32), precision=self.precision)
+        h = jnp.einsum(
+            'kon,bknc->bkoc',
+            jnp.asarray(up, jnp.float32),
+            jnp.take(self.embedding, ids, axis=0).astype(jnp.float32),
+            precision=self.precision,
+        )
         h = h.reshape(B, S, full, full, C)
         if self.phis is not None:  # one conv per phi over all its scales; phi_index is non-decreasing
-            h = jnp.concatenate([
-                self.phis[j](h[:, ks].reshape(-1, full, full, C)).reshape(B, len(ks), full, full, C)
-                for j in range(len(self.phis)) if (ks := [k for k in range(S) if self.phi_index[k] == j])], axis=1)
+            h = jnp.concatenate(
+                [
+                    self.phis[j](h[:, ks].reshape(-1, full, full, C)).reshape(B, len(ks), full, full, C)
+                    for j in range(len(self.phis))
+                    if (ks := [k for k in range(S) if self.phi_index[k] == j])
+                ],
+                axis=1,
+            )
         f_hat = jnp.cumsum(h.reshape(B, S, full * full, C), axis=1)  # f_hat after scales 0..k
         down = np.stack([padded_resize_matrix_2d(full, p, 'area', full, side_out) for p in pns[1:]])
         x = jnp.einsum('kon,bknc->bkoc', jnp.asarray(down, jnp.float32), f_hat, precision=self.precision)
@@ -237,8 +254,7 @@ class MultiScaleQuantizer(nn.Module):
             h = self.upsample_and_phi(jnp.take(self.embedding, idx, axis=0), si)
             f_hat = f_hat + h
             f_rest = f_rest - h
-            loss = loss + self.beta * jnp.mean((jax.lax.stop_gradient(f_hat) - f) ** 2) \
-                + jnp.mean((f_hat - f_ng) ** 2)
+            loss = loss + self.beta * jnp.mean((jax.lax.stop_gradient(f_hat) - f) ** 2) + jnp.mean((f_hat - f_ng) ** 2)
         loss = loss / len(self.pns)
         f_hat_st = jax.lax.stop_gradient(f_hat) - f_ng + f
         return f_hat_st, loss, jnp.stack(hits)

@@ -7,6 +7,7 @@ downsampling. The official tokenizer uses torch's 'area' (adaptive average pooli
 Each mode is separable, so a resize of an (H, W) map is M_h @ x @ M_w^T with 1-D matrices
 computed once in float64 (they match torch to ~1e-15 in float64).
 """
+
 import functools
 import math
 
@@ -17,6 +18,7 @@ import numpy as np
 
 def _cubic_weights(t: float, a: float = -0.75) -> tuple:
     """Keys cubic convolution weights of the 4 taps at x0-1, x0, x0+1, x0+2 (torch's A=-0.75)."""
+
     def near(x):  # |x| <= 1
         return ((a + 2) * x - (a + 3)) * x * x + 1
 

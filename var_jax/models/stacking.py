@@ -5,6 +5,7 @@ the depth (or unrolls the same params on CPU). `remat` picks what the backward p
 official state dicts and params files written before stacking hold one subtree per block ('blocks_0', ...):
 `stack_blocks` / `unstack_blocks` convert between the two.
 """
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,9 +18,11 @@ REMAT_POLICIES = ('none', 'dots', 'dots_except_fc1', 'full')
 def remat_policy(remat: str, fc1_kernel_shape=None):
     """jax.checkpoint policy of `remat`; 'dots_except_fc1' needs fc1's kernel shape (C, hidden)."""
     if remat not in REMAT_POLICIES:
-        raise ValueError(f'remat={remat!r} is not one of {REMAT_POLICIES} (none: keep every activation; '
-                         f'dots: keep the matmul outputs, recompute the rest; dots_except_fc1: the same but also '
-                         f'recompute the MLP hidden; full: recompute the block)')
+        raise ValueError(
+            f'remat={remat!r} is not one of {REMAT_POLICIES} (none: keep every activation; '
+            f'dots: keep the matmul outputs, recompute the rest; dots_except_fc1: the same but also '
+            f'recompute the MLP hidden; full: recompute the block)'
+        )
     dots = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
     if remat == 'dots_except_fc1':
         if fc1_kernel_shape is None:  # without it the policy would silently be 'dots'
@@ -28,8 +31,9 @@ def remat_policy(remat: str, fc1_kernel_shape=None):
         # head-major, ada_lin's is (C, 6C), fc2's (hidden, C)). Its output, the widest activation of the block,
         # is recomputed: one more matmul per block. (Saving every other matmul by checkpoint_name instead
         # was slower in XLA's estimate of the d16 step, for the same memory.)
-        return lambda prim, *avals, **params: (not (len(avals) == 2 and avals[1].shape == fc1_kernel_shape)
-                                               and dots(prim, *avals, **params))
+        return lambda prim, *avals, **params: (
+            not (len(avals) == 2 and avals[1].shape == fc1_kernel_shape) and dots(prim, *avals, **params)
+        )
     return {'none': None, 'dots': dots, 'full': None}[remat]
 
 
@@ -39,11 +43,17 @@ def stacked_blocks(block, depth: int, scan: bool, remat: str, fc1_kernel_shape=N
     in the program)."""
     if remat != 'none':
         # static: train and sizes (self is argument 0). In a rolled scan CSE cannot undo the remat.
-        block = nn.remat(block, policy=remat_policy(remat, fc1_kernel_shape), prevent_cse=not scan,
-                         static_argnums=(5, 6))
-    return nn.scan(block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-                   in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast), length=depth,
-                   unroll=1 if scan else depth)
+        block = nn.remat(
+            block, policy=remat_policy(remat, fc1_kernel_shape), prevent_cse=not scan, static_argnums=(5, 6)
+        )
+    return nn.scan(
+        block,
+        variable_axes={'params': 0},
+        split_rngs={'params': True, 'dropout': True},
+        in_axes=(0, 0, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=depth,
+        unroll=1 if scan else depth,
+    )
 
 
 def unstack_blocks(params) -> dict:
@@ -54,8 +64,8 @@ def unstack_blocks(params) -> dict:
     depth = jax.tree.leaves(stacked)[0].shape[0]
 
     def pick(i):
-        return lambda t: (jax.ShapeDtypeStruct(t.shape[1:], t.dtype) if isinstance(t, jax.ShapeDtypeStruct)
-                          else t[i])
+        return lambda t: jax.ShapeDtypeStruct(t.shape[1:], t.dtype) if isinstance(t, jax.ShapeDtypeStruct) else t[i]
+
     for i in range(depth):
         params[f'{BLOCKS}_{i}'] = jax.tree.map(pick(i), stacked)
     return params

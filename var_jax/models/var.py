@@ -12,6 +12,7 @@ param has a leading depth axis, under 'blocks'), so XLA compiles one block whate
 recomputes, `attention` the kernel (`var_jax.models.attention`). The stacking, the remat policies and the
 per-block <-> stacked param layouts are `var_jax.models.stacking`.
 """
+
 import math
 from typing import Any, Callable, Sequence
 
@@ -52,9 +53,11 @@ def trunc_normal(std: float, scale: Any = 1.0):
 
     `scale` may be an array broadcast against the param (e.g. per output column).
     """
+
     def init(key, shape, dtype=jnp.float32):
         x = std * jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, jnp.float32)
         return (x * jnp.asarray(scale, jnp.float32)).astype(dtype)
+
     return init
 
 
@@ -74,8 +77,9 @@ def _l2_normalize(x, axis, eps=1e-12):
     """
     if axis == -2:  # sequence-minor (TPU): as a contraction, which XLA tiles well; its reduce over the
         # second-minor axis tiles one element per step for short sequences (tens of tokens)
-        ss = jnp.einsum('...dn,...dn->...n', x, x, precision=jax.lax.Precision.HIGHEST,
-                        preferred_element_type=jnp.float32)[..., None, :]
+        ss = jnp.einsum(
+            '...dn,...dn->...n', x, x, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32
+        )[..., None, :]
     else:
         ss = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True)
     norm = jnp.sqrt(jnp.maximum(ss, eps * eps))
@@ -86,6 +90,7 @@ class ReshapedDense(nn.Module):
     """nn.Dense's params (kernel (in_features, features), optional bias) applied as one einsum over the kernel
     reshaped to `kernel_shape`, so the matmul reads and writes the layout attention works in (head-major
     q, k, v) and XLA needs no transposes around it."""
+
     in_features: int
     features: int
     kernel_init: Callable
@@ -103,6 +108,7 @@ class ReshapedDense(nn.Module):
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention; keys have no bias; optional l2-normalised q/k."""
+
     embed_dim: int
     num_heads: int
     attn_l2_norm: bool
@@ -132,28 +138,29 @@ class SelfAttention(nn.Module):
         spec, d = ('bnc,cthd->tbhdn', -2) if seq_minor else ('bnc,cthd->tbhnd', -1)  # d: the head dim's axis
         n = attn_lib.token_axis(seq_minor)
         q, k, v = ReshapedDense(C, 3 * C, trunc_normal(self.init_std), False, self.dtype, name='mat_qkv')(
-            x, spec, (C, 3, H, hd))
+            x, spec, (C, 3, H, hd)
+        )
         per_head = lambda b: jnp.expand_dims(b.reshape(H, hd), n).astype(self.dtype)
         q = q + per_head(self.param('q_bias', nn.initializers.zeros, (C,)))
         v = v + per_head(self.param('v_bias', nn.initializers.zeros, (C,)))
         if self.attn_l2_norm:
             scale_mul = self.param('scale_mul', nn.initializers.constant(math.log(4.0)), (H,))
             temp = jnp.exp(jnp.minimum(scale_mul, MAX_LOG_SCALE_MUL))
-            q = (_l2_normalize(q, axis=d) * temp[:, None, None].astype(q.dtype))
+            q = _l2_normalize(q, axis=d) * temp[:, None, None].astype(q.dtype)
             k = _l2_normalize(k, axis=d)
             scale = 1.0
         else:
             scale = 0.25 / math.sqrt(hd)
         new_kv = None
         if past_kv is None:
-            out = attn_lib.attend(q, k, v, sizes=sizes, scale=scale, implementation=self.attention,
-                                  seq_minor=seq_minor)
+            out = attn_lib.attend(q, k, v, sizes=sizes, scale=scale, implementation=self.attention, seq_minor=seq_minor)
         else:  # the cache grown by this scale is what attention reads and what goes on
             k, v = (jnp.concatenate([past.astype(t.dtype), t], axis=n) for past, t in zip(past_kv, (k, v)))
             out = attn_lib.attend_cached(q, k, v, scale=scale, implementation=self.attention, seq_minor=seq_minor)
             new_kv = (k, v)
         out = ReshapedDense(C, C, trunc_normal(self.init_std, self.proj_scale), True, self.dtype, name='proj')(
-            out, 'bhnd,hdc->bnc', (H, hd, C))
+            out, 'bhnd,hdc->bnc', (H, hd, C)
+        )
         return out[:, :N], new_kv
 
 
@@ -168,8 +175,7 @@ class FFN(nn.Module):
         C = x.shape[-1]
         h = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=trunc_normal(self.init_std), name='fc1')(x)
         h = nn.gelu(h, approximate=True)
-        return nn.Dense(C, dtype=self.dtype, kernel_init=trunc_normal(self.init_std, self.proj_scale),
-                        name='fc2')(h)
+        return nn.Dense(C, dtype=self.dtype, kernel_init=trunc_normal(self.init_std, self.proj_scale), name='fc2')(h)
 
 
 def _adaln_column_scale(C: int, n: int, init_adaln: float, init_adaln_gamma: float):
@@ -182,13 +188,14 @@ class AdaLNSelfAttn(nn.Module):
 
     Its call has the form of a scan body over the blocks (see `VAR.setup`).
     """
+
     embed_dim: int
     num_heads: int
     mlp_ratio: float
     norm_eps: float
     attn_l2_norm: bool
     shared_aln: bool
-    drop_path: bool           # whether any block has drop path (the per-block rate is an argument)
+    drop_path: bool  # whether any block has drop path (the per-block rate is an argument)
     init_std: float
     depth: int
     init_adaln: float
@@ -207,24 +214,32 @@ class AdaLNSelfAttn(nn.Module):
         """
         C = self.embed_dim
         if self.shared_aln:
+
             def gss_init(key, shape, dtype=jnp.float32):
                 mult = _adaln_column_scale(1, 6, self.init_adaln, self.init_adaln_gamma)[:, None]
                 return (jax.random.normal(key, shape) / math.sqrt(C) * mult).astype(dtype)
+
             ada = self.param('ada_gss', gss_init, (6, C)) + cond_or_gss
         else:
-            ada = nn.Dense(6 * C, dtype=self.dtype, name='ada_lin', kernel_init=trunc_normal(
-                self.init_std, _adaln_column_scale(C, 6, self.init_adaln, self.init_adaln_gamma)))(
-                    nn.silu(cond_or_gss)).reshape(-1, 6, C)
+            ada = nn.Dense(
+                6 * C,
+                dtype=self.dtype,
+                name='ada_lin',
+                kernel_init=trunc_normal(
+                    self.init_std, _adaln_column_scale(C, 6, self.init_adaln, self.init_adaln_gamma)
+                ),
+            )(nn.silu(cond_or_gss)).reshape(-1, 6, C)
         ada = ada[:, None].astype(self.modulation_dtype)  # (B, 1, 6, C)
         gamma1, gamma2, scale1, scale2, shift1, shift2 = (ada[:, :, i] for i in range(6))
         proj_scale = 1.0 / math.sqrt(2 * self.depth)
 
-        h, new_kv = SelfAttention(C, self.num_heads, self.attn_l2_norm, self.init_std, proj_scale,
-                                  self.dtype, self.attention, name='attn')(
-            _layer_norm(x, self.norm_eps) * (1 + scale1) + shift1, sizes, past_kv)
+        h, new_kv = SelfAttention(
+            C, self.num_heads, self.attn_l2_norm, self.init_std, proj_scale, self.dtype, self.attention, name='attn'
+        )(_layer_norm(x, self.norm_eps) * (1 + scale1) + shift1, sizes, past_kv)
         x = x + self._drop_path(h * gamma1, drop_rate, train)
         h = FFN(round(C * self.mlp_ratio), self.init_std, proj_scale, self.dtype, name='ffn')(
-            _layer_norm(x, self.norm_eps) * (1 + scale2) + shift2)
+            _layer_norm(x, self.norm_eps) * (1 + scale2) + shift2
+        )
         x = x + self._drop_path(h * gamma2, drop_rate, train)
         return x, new_kv
 
@@ -240,6 +255,7 @@ class AdaLNSelfAttn(nn.Module):
 class Head(nn.Module):
     """The vocabulary projection (nn.Dense's params: kernel (C, V), bias (V,)) in the dtype the caller asks
     for, accumulated in float32: float32 logits for sampling, the blocks' dtype for the training loss."""
+
     features: int
     kernel_init: Callable
 
@@ -261,7 +277,8 @@ class AdaLNBeforeHead(nn.Module):
     def __call__(self, x, cond):
         C = self.embed_dim
         ada = nn.Dense(2 * C, name='ada_lin', kernel_init=trunc_normal(self.init_std, self.init_adaln))(
-            nn.silu(cond)).reshape(-1, 1, 2, C)
+            nn.silu(cond)
+        ).reshape(-1, 1, 2, C)
         scale, shift = ada[:, :, 0], ada[:, :, 1]
         return _layer_norm(x, self.norm_eps) * (1 + scale) + shift
 
@@ -276,6 +293,7 @@ class VAR(nn.Module):
     `dtype` is the compute dtype of the blocks (params stay float32) and of the training logits; the
     sampler's logits are float32.
     """
+
     vocab_size: int = 4096
     cvae: int = 32
     num_classes: int = 1000
@@ -299,18 +317,20 @@ class VAR(nn.Module):
     # the blocks' matmuls in `dtype`; 'lean' also rounds those to `dtype` (less memory). Same params.
     precision: str = 'official'
     # How the blocks run; none of these changes the params or the math (only speed and memory).
-    scan: Any = None           # True: one nn.scan over the blocks (compile time independent of depth); False:
+    scan: Any = None  # True: one nn.scan over the blocks (compile time independent of depth); False:
     #                            unrolled (faster on CPU); None: scan on TPU / GPU, unrolled on CPU
-    remat: str = 'none'        # per block: 'none', 'dots' (keep matmul outputs, recompute the rest),
+    remat: str = 'none'  # per block: 'none', 'dots' (keep matmul outputs, recompute the rest),
     #                            'dots_except_fc1' (also recompute the MLP's 4C-wide hidden: less memory), 'full'
-    attention: str = 'auto'    # 'auto', 'xla', 'splash' (TPU), 'cudnn' (GPU): see var_jax.models.attention
+    attention: str = 'auto'  # 'auto', 'xla', 'splash' (TPU), 'cudnn' (GPU): see var_jax.models.attention
 
     def setup(self):
         pns = validate_patch_nums(self.patch_nums)
         C = self.embed_dim
         if C % self.num_heads:
-            raise ValueError(f'embed_dim {C} is not divisible by num_heads {self.num_heads}; '
-                             f'choose a width that is a multiple of the number of heads')
+            raise ValueError(
+                f'embed_dim {C} is not divisible by num_heads {self.num_heads}; '
+                f'choose a width that is a multiple of the number of heads'
+            )
         self.begin_ends = begin_ends(pns)
         self.L = self.begin_ends[-1][1]
         std = self.init_std if self.init_std > 0 else math.sqrt(1 / (3 * C))
@@ -329,9 +349,22 @@ class VAR(nn.Module):
             raise ValueError(f'var.precision={self.precision!r}: use one of {PRECISIONS}')
         scan = self.scan if self.scan is not None else target_platform() != 'cpu'
         self.blocks = stacked_blocks(AdaLNSelfAttn, self.depth, scan, self.remat, fc1_kernel_shape)(
-            C, self.num_heads, self.mlp_ratio, self.norm_eps, self.attn_l2_norm, self.shared_aln,
-            self.drop_path_rate > 0, std, self.depth, self.init_adaln, self.init_adaln_gamma, self.dtype,
-            self.attention, self._wide_dtype, name=BLOCKS)
+            C,
+            self.num_heads,
+            self.mlp_ratio,
+            self.norm_eps,
+            self.attn_l2_norm,
+            self.shared_aln,
+            self.drop_path_rate > 0,
+            std,
+            self.depth,
+            self.init_adaln,
+            self.init_adaln_gamma,
+            self.dtype,
+            self.attention,
+            self._wide_dtype,
+            name=BLOCKS,
+        )
         self.head_nm = AdaLNBeforeHead(C, self.norm_eps, std, self.init_adaln)
         self.head = Head(self.vocab_size, trunc_normal(std, self.init_head))
 
@@ -394,14 +427,16 @@ class VAR(nn.Module):
         first = self.begin_ends[0][1]
         end = first + x_wo_first.shape[1]
         if end not in [e for _, e in self.begin_ends]:
-            raise ValueError(f'x_wo_first has {x_wo_first.shape[1]} tokens; it must end at a scale boundary '
-                             f'(scale ends {[e for _, e in self.begin_ends]}, minus the first scale)')
-        x = jnp.concatenate([self.start_tokens(cond),
-                             self.word_embed(x_wo_first.astype(jnp.float32)) + self.lvl_pos(first, end)[None]],
-                            axis=1)
+            raise ValueError(
+                f'x_wo_first has {x_wo_first.shape[1]} tokens; it must end at a scale boundary '
+                f'(scale ends {[e for _, e in self.begin_ends]}, minus the first scale)'
+            )
+        x = jnp.concatenate(
+            [self.start_tokens(cond), self.word_embed(x_wo_first.astype(jnp.float32)) + self.lvl_pos(first, end)[None]],
+            axis=1,
+        )
         sizes = tuple(e - b for b, e in self.begin_ends if e <= end)
-        h, _ = self.blocks(x.astype(self._wide_dtype), self._drop_rates(), None, self._cond_or_gss(cond), train,
-                           sizes)
+        h, _ = self.blocks(x.astype(self._wide_dtype), self._drop_rates(), None, self._cond_or_gss(cond), train, sizes)
         return self.logits(h, cond, self.dtype, self._wide_dtype)
 
     def _drop_rates(self):
@@ -426,10 +461,18 @@ class VAR(nn.Module):
         begin, _ = self.begin_ends[si]
         held = cache['k'].shape[attn_lib.token_axis(attn_lib.sequence_minor())]
         if held != begin:
-            raise ValueError(f'scale {si} needs the cache of the {begin} tokens before it, got {held}: call step '
-                             f'for the scales in order, starting from init_cache')
-        h, (k, v) = self.blocks(tokens.astype(self._wide_dtype), self._drop_rates(), (cache['k'], cache['v']),
-                                self._cond_or_gss(cond), False, None)
+            raise ValueError(
+                f'scale {si} needs the cache of the {begin} tokens before it, got {held}: call step '
+                f'for the scales in order, starting from init_cache'
+            )
+        h, (k, v) = self.blocks(
+            tokens.astype(self._wide_dtype),
+            self._drop_rates(),
+            (cache['k'], cache['v']),
+            self._cond_or_gss(cond),
+            False,
+            None,
+        )
         return self.logits(h, cond), {'k': k, 'v': v}
 
 
@@ -439,7 +482,15 @@ def var_config_for_depth(depth: int, *, shared_aln: bool = False, **overrides) -
     d36 is the 512-px model with shared AdaLN; pass patch_nums=(1,2,3,4,6,9,13,18,24,32) and
     shared_aln=True for it.
     """
-    cfg = dict(depth=depth, embed_dim=64 * depth, num_heads=depth, drop_path_rate=0.1 * depth / 24,
-               shared_aln=shared_aln, attn_l2_norm=True, norm_eps=1e-6, cond_drop_rate=0.1)
+    cfg = dict(
+        depth=depth,
+        embed_dim=64 * depth,
+        num_heads=depth,
+        drop_path_rate=0.1 * depth / 24,
+        shared_aln=shared_aln,
+        attn_l2_norm=True,
+        norm_eps=1e-6,
+        cond_drop_rate=0.1,
+    )
     cfg.update(overrides)
     return cfg

@@ -6,6 +6,7 @@ dict ('down.2.block.0' -> 'down_2_block_0') so the converter is a renaming plus 
 Images are NHWC in [-1, 1]. Every conv and matmul takes an explicit `precision`: the encoding path
 (encoder, quant_conv, quantizer) runs at VQVAE.encode_precision, the decoding path at decode_precision.
 """
+
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 
 from var_jax.models.quantizer import PATCH_NUMS_256, MultiScaleQuantizer, matmul_precision, validate_patch_nums
 
-Precision = Optional[jax.lax.Precision]   # None: the backend's default (or jax_default_matmul_precision)
+Precision = Optional[jax.lax.Precision]  # None: the backend's default (or jax_default_matmul_precision)
 
 
 def decode_dtype(name: str, field: str = 'decode_dtype'):
@@ -37,8 +38,9 @@ class ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         def conv(k, name):
-            return nn.Conv(self.out_channels, (k, k), padding=k // 2, precision=self.precision, dtype=self.dtype,
-                           name=name)
+            return nn.Conv(
+                self.out_channels, (k, k), padding=k // 2, precision=self.precision, dtype=self.dtype, name=name
+            )
 
         h = conv(3, 'conv1')(nn.silu(_group_norm('norm1', self.dtype)(x)))
         h = conv(3, 'conv2')(nn.silu(_group_norm('norm2', self.dtype)(h)))
@@ -52,6 +54,7 @@ class AttnBlock(nn.Module):
 
     Two einsums rather than jax.nn.dot_product_attention, which takes no precision.
     """
+
     precision: Precision = None
     dtype: Any = jnp.float32
 
@@ -59,17 +62,20 @@ class AttnBlock(nn.Module):
     def __call__(self, x):
         B, H, W, C = x.shape
         qkv = nn.Conv(3 * C, (1, 1), precision=self.precision, dtype=self.dtype, name='qkv')(
-            _group_norm('norm', self.dtype)(x))
+            _group_norm('norm', self.dtype)(x)
+        )
         q, k, v = jnp.split(qkv.reshape(B, H * W, 3 * C), 3, axis=-1)
         logits = jnp.einsum('bqc,bkc->bqk', q, k, precision=self.precision, preferred_element_type=jnp.float32)
-        w = jax.nn.softmax(logits * C ** -0.5, axis=-1).astype(self.dtype)
+        w = jax.nn.softmax(logits * C**-0.5, axis=-1).astype(self.dtype)
         h = jnp.einsum('bqk,bkc->bqc', w, v, precision=self.precision)
         return x + nn.Conv(C, (1, 1), precision=self.precision, dtype=self.dtype, name='proj_out')(
-            h.reshape(B, H, W, C))
+            h.reshape(B, H, W, C)
+        )
 
 
 class Downsample(nn.Module):
     """Stride-2 3x3 conv after zero-padding only right and bottom (the official asymmetric pad)."""
+
     precision: Precision = None
 
     @nn.compact
@@ -80,6 +86,7 @@ class Downsample(nn.Module):
 
 class Upsample(nn.Module):
     """Nearest-neighbour x2 then a 3x3 conv."""
+
     precision: Precision = None
     dtype: Any = jnp.float32
 
@@ -127,7 +134,7 @@ class Decoder(nn.Module):
     using_sa: bool = True
     using_mid_sa: bool = True
     precision: Precision = None
-    dtype: Any = jnp.float32   # compute dtype (params stay float32); the images come out float32
+    dtype: Any = jnp.float32  # compute dtype (params stay float32); the images come out float32
 
     @nn.compact
     def __call__(self, z):
@@ -148,7 +155,8 @@ class Decoder(nn.Module):
                 h = Upsample(p, dt, name=f'up_{i}_upsample')(h)
         h = nn.silu(_group_norm('norm_out', dt)(h))
         return nn.Conv(self.out_channels, (3, 3), padding=1, precision=p, dtype=dt, name='conv_out')(h).astype(
-            jnp.float32)
+            jnp.float32
+        )
 
 
 class VQVAE(nn.Module):
@@ -167,6 +175,7 @@ class VQVAE(nn.Module):
     decode_dtype ('float32' | 'bfloat16'): the compute dtype of the decoding path (params stay float32). On
     accelerators bfloat16 halves the decoder's activation traffic and temporaries.
     """
+
     vocab_size: int = 4096
     z_channels: int = 32
     ch: int = 160
@@ -193,12 +202,19 @@ class VQVAE(nn.Module):
 
     def setup(self):
         if self.ch % 32 or any(self.ch * m % 32 for m in self.ch_mult):
-            raise ValueError(f'every encoder/decoder width ch*ch_mult must be a multiple of 32 (GroupNorm '
-                             f'with 32 groups); got ch={self.ch}, ch_mult={tuple(self.ch_mult)}')
+            raise ValueError(
+                f'every encoder/decoder width ch*ch_mult must be a multiple of 32 (GroupNorm '
+                f'with 32 groups); got ch={self.ch}, ch_mult={tuple(self.ch_mult)}'
+            )
         enc = matmul_precision(self.encode_precision, 'encode_precision')
         dec = matmul_precision(self.decode_precision, 'decode_precision')
-        arch = dict(ch=self.ch, ch_mult=tuple(self.ch_mult), num_res_blocks=self.num_res_blocks,
-                    using_sa=self.using_sa, using_mid_sa=self.using_mid_sa)
+        arch = dict(
+            ch=self.ch,
+            ch_mult=tuple(self.ch_mult),
+            num_res_blocks=self.num_res_blocks,
+            using_sa=self.using_sa,
+            using_mid_sa=self.using_mid_sa,
+        )
         self.encoder = Encoder(z_channels=self.z_channels, precision=enc, **arch)
         dec_dtype = decode_dtype(self.decode_dtype)
         self.decoder = Decoder(precision=dec, dtype=dec_dtype, **arch)
@@ -206,14 +222,22 @@ class VQVAE(nn.Module):
         self.quant_conv = nn.Conv(self.z_channels, (ks, ks), padding=ks // 2, precision=enc)
         self.post_quant_conv = nn.Conv(self.z_channels, (ks, ks), padding=ks // 2, precision=dec, dtype=dec_dtype)
         self.quantize = MultiScaleQuantizer(
-            vocab_size=self.vocab_size, cvae=self.z_channels, patch_nums=tuple(self.patch_nums),
-            beta=self.beta, quant_resi=self.quant_resi, share_quant_resi=self.share_quant_resi, precision=enc)
+            vocab_size=self.vocab_size,
+            cvae=self.z_channels,
+            patch_nums=tuple(self.patch_nums),
+            beta=self.beta,
+            quant_resi=self.quant_resi,
+            share_quant_resi=self.share_quant_resi,
+            precision=enc,
+        )
 
     def _check_images(self, img):
         R = self.image_size
         if img.ndim != 4 or img.shape[1:] != (R, R, 3):
-            raise ValueError(f'images must be (B, {R}, {R}, 3) NHWC for this tokenizer (patch_nums '
-                             f'{tuple(self.patch_nums)}, downsample {self.downsample}), got {img.shape}')
+            raise ValueError(
+                f'images must be (B, {R}, {R}, 3) NHWC for this tokenizer (patch_nums '
+                f'{tuple(self.patch_nums)}, downsample {self.downsample}), got {img.shape}'
+            )
 
     def img_to_f(self, img):
         """Images (B, R, R, 3) in [-1, 1] -> latent f (B, R/ds, R/ds, Cvae) = quant_conv(encoder(img))."""

@@ -4,6 +4,7 @@ A stage is a pure, jitted step `(state, *frozen, batch[, token_weights]) -> (sta
 mesh with explicit shardings (params replicated or FSDP-split, batch split over all devices, state
 donated). `fit` drives it: resume, checkpoints, preemption, the progress line, TensorBoard, sample grids.
 """
+
 import contextlib
 import os
 import time
@@ -18,9 +19,26 @@ from var_jax import api, checkpoint, sharding
 from var_jax.errors import MissingFileError
 
 # Config fields a run may change when it resumes: schedule length and bookkeeping, never the model or data.
-RESUMABLE_KEYS = ('*total_steps', '*log_every*', '*eval_every*', '*sample_every*', '*save_every*',
-                  '*keep_checkpoints*', 'sample', 'sample.*', 'mesh', 'mesh.*', 'distributed', 'cluster', 'cluster.*', 'stages',
-                  '*perceptual_weights_path', 'eval', 'eval.*', 'compile_cache_dir')
+RESUMABLE_KEYS = (
+    '*total_steps',
+    '*log_every*',
+    '*eval_every*',
+    '*sample_every*',
+    '*save_every*',
+    '*keep_checkpoints*',
+    'sample',
+    'sample.*',
+    'mesh',
+    'mesh.*',
+    'distributed',
+    'cluster',
+    'cluster.*',
+    'stages',
+    '*perceptual_weights_path',
+    'eval',
+    'eval.*',
+    'compile_cache_dir',
+)
 # Config sections a stage's checkpoints do not depend on: the other stage's own settings (so the
 # transformer can be retuned on a finished tokenizer, and the reverse, in the same workdir).
 # data.pretokenize* only changes how the transformer reads its data.
@@ -38,8 +56,13 @@ class Preempted(Exception):
 # --- the train state ---------------------------------------------------------------------------
 def new_state(params, tx, seed: int):
     """The checkpointed train state: params, optimizer state, step, rng and the NaN flag."""
-    return dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
-                rng=jax.random.PRNGKey(seed), nonfinite=jnp.zeros((), bool))
+    return dict(
+        params=params,
+        opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.PRNGKey(seed),
+        nonfinite=jnp.zeros((), bool),
+    )
 
 
 def apply_update(state, grads, tx, loss, grad_norm):
@@ -48,8 +71,13 @@ def apply_update(state, grads, tx, loss, grad_norm):
     params = optax.apply_updates(state['params'], updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    return dict(state, params=keep(params, state['params']), opt_state=keep(opt_state, state['opt_state']),
-                step=state['step'] + 1, nonfinite=state['nonfinite'] | ~finite)
+    return dict(
+        state,
+        params=keep(params, state['params']),
+        opt_state=keep(opt_state, state['opt_state']),
+        step=state['step'] + 1,
+        nonfinite=state['nonfinite'] | ~finite,
+    )
 
 
 def init_state(mesh, tx, seed: int, init_fn=None, params=None, extra=None):
@@ -59,8 +87,9 @@ def init_state(mesh, tx, seed: int, init_fn=None, params=None, extra=None):
     """
     extra = extra or {}
     if params is None:
-        return sharding.init_sharded(lambda key: new_state(init_fn(key), tx, seed) | extra, mesh,
-                                     jax.random.PRNGKey(seed))
+        return sharding.init_sharded(
+            lambda key: new_state(init_fn(key), tx, seed) | extra, mesh, jax.random.PRNGKey(seed)
+        )
     make = lambda p: new_state(p, tx, seed) | extra
     shardings = sharding.param_sharding(mesh, jax.eval_shape(make, params))
     params = jax.device_put(params, shardings['params'])
@@ -76,9 +105,11 @@ def models_from_config(config, num_data_classes: int = 0):
     var_kwargs = config.var.to_dict()
     R = config.vae.patch_nums[-1] * 2 ** (len(config.vae.ch_mult) - 1)
     if config.data.image_size != R:
-        raise ValueError(f'data.image_size={config.data.image_size} but the tokenizer maps {R} px images to its '
-                         f'last scale {config.vae.patch_nums[-1]}; set data.image_size={R} or change '
-                         f'vae.patch_nums / vae.ch_mult')
+        raise ValueError(
+            f'data.image_size={config.data.image_size} but the tokenizer maps {R} px images to its '
+            f'last scale {config.vae.patch_nums[-1]}; set data.image_size={R} or change '
+            f'vae.patch_nums / vae.ch_mult'
+        )
     if var_kwargs['num_classes'] <= 0:
         var_kwargs['num_classes'] = num_data_classes
     return api.build_models(config.vae, var_kwargs)
@@ -89,24 +120,54 @@ def load_init_from(config):
     if not config.init_from:
         return None
     if not os.path.isdir(config.init_from):
-        raise MissingFileError(f'init_from={config.init_from!r} does not exist; point it at a directory '
-                                f'written by python -m var_jax.convert or at a finished run\'s export/')
+        raise MissingFileError(
+            f'init_from={config.init_from!r} does not exist; point it at a directory '
+            f"written by python -m var_jax.convert or at a finished run's export/"
+        )
     return checkpoint.load_pretrained(config.init_from)
 
 
 # --- the loop ----------------------------------------------------------------------------------
 def _log_line(stage, step, total, metrics, img_per_s, eta_s):
-    keys = [k for k in ('loss', 'Lm', 'Lt', 'Accm', 'Acct', 'rec_l1', 'perceptual', 'vq', 'g_loss', 'd_loss',
-                        'grad_norm', 'lr')
-            if k in metrics]
+    keys = [
+        k
+        for k in (
+            'loss',
+            'Lm',
+            'Lt',
+            'Accm',
+            'Acct',
+            'rec_l1',
+            'perceptual',
+            'vq',
+            'g_loss',
+            'd_loss',
+            'grad_norm',
+            'lr',
+        )
+        if k in metrics
+    ]
     vals = ' '.join(f'{k} {metrics[k]:.4g}' for k in keys)
     return f'[{stage}] step {step}/{total} {vals} | {img_per_s:.1f} img/s | ETA {eta_s / 60:.1f} min'
 
 
-def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_fn: Callable,
-        step_args: tuple, total_steps: int, batch_size: int, on_sample: Optional[Callable] = None,
-        on_eval: Optional[Callable] = None, token_weights_fn: Optional[Callable] = None,
-        make_batches: Optional[Callable] = None):
+def fit(
+    stage: str,
+    workdir: str,
+    config,
+    *,
+    state,
+    state_shardings,
+    mesh,
+    step_fn: Callable,
+    step_args: tuple,
+    total_steps: int,
+    batch_size: int,
+    on_sample: Optional[Callable] = None,
+    on_eval: Optional[Callable] = None,
+    token_weights_fn: Optional[Callable] = None,
+    make_batches: Optional[Callable] = None,
+):
     """Runs `step_fn(state, *step_args, batch[, token_weights]) -> (state, metrics)` to total_steps.
 
     Batches come from make_batches(start_step), an iterator of this host's batches (dicts of arrays split
@@ -118,12 +179,18 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
     config.sample_every steps and at the end, and on_eval(params, step) -> {name: value} every
     config.eval_every steps (0: never) and at the end, logging what it returns. Returns the final state.
     """
-    from var_jax import data  # TensorFlow is only needed for the input pipeline
     from flax.metrics import tensorboard
 
+    from var_jax import data  # TensorFlow is only needed for the input pipeline
+
     stage_dir = os.path.join(workdir, stage)
-    ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep_checkpoints, save_every=config.save_every,
-                                   config=config, resumable_keys=RESUMABLE_KEYS + OTHER_STAGE_KEYS.get(stage, ()))
+    ckpt = checkpoint.Checkpointer(
+        stage_dir,
+        max_to_keep=config.keep_checkpoints,
+        save_every=config.save_every,
+        config=config,
+        resumable_keys=RESUMABLE_KEYS + OTHER_STAGE_KEYS.get(stage, ()),
+    )
     writer = None
     try:
         restored, start = ckpt.restore_latest(sharding.with_shardings(state, state_shardings))
@@ -133,15 +200,19 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
         if start >= total_steps:
             return state
         if make_batches is None:
-            make_batches = lambda step: data.make_train_iterator(config.data, batch_size, seed=config.seed,
-                                                                 start_step=step)
+            make_batches = lambda step: data.make_train_iterator(
+                config.data, batch_size, seed=config.seed, start_step=step
+            )
         batches = make_batches(start)
         writer = tensorboard.SummaryWriter(os.path.join(stage_dir, 'tb')) if jax.process_index() == 0 else None
         batch_sharding = sharding.batch_sharding(mesh)  # one sharding for every array of the batch
         extra = (sharding.replicated(mesh),) if token_weights_fn else ()
-        jitted = jax.jit(step_fn, in_shardings=(state_shardings, *[sharding.replicated(mesh)] * len(step_args),
-                                                batch_sharding, *extra),
-                         out_shardings=(state_shardings, sharding.replicated(mesh)), donate_argnums=0)
+        jitted = jax.jit(
+            step_fn,
+            in_shardings=(state_shardings, *[sharding.replicated(mesh)] * len(step_args), batch_sharding, *extra),
+            out_shardings=(state_shardings, sharding.replicated(mesh)),
+            donate_argnums=0,
+        )
         t0 = time.time()
         pending, previous = [], None
         print(f'[{stage}] step {start}/{total_steps}: compiling the train step ...', flush=True)
@@ -168,7 +239,8 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
                         raise NonFiniteError(
                             f'[{stage}] a NaN/Inf loss or gradient appeared before step {done}; the update was '
                             f'skipped and the last good checkpoint (step {ckpt.latest_step()}) in {stage_dir} is '
-                            f'kept. Lower the learning rate (tblr) or check the data.')
+                            f'kept. Lower the learning rate (tblr) or check the data.'
+                        )
                 if done % config.log_every == 0 or done == total_steps:
                     host = jax.device_get(pending)
                     mean = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
@@ -189,8 +261,10 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
                     on_sample(state['params'], done)
                 if on_eval and ((config.eval_every and done % config.eval_every == 0) or done == total_steps):
                     results = on_eval(state['params'], done)
-                    print(f'[{stage}] eval at step {done}: ' + ' '.join(f'{k} {v:.4g}' for k, v in results.items()),
-                          flush=True)
+                    print(
+                        f'[{stage}] eval at step {done}: ' + ' '.join(f'{k} {v:.4g}' for k, v in results.items()),
+                        flush=True,
+                    )
                     if writer:
                         for k, v in results.items():
                             writer.scalar(f'{stage}/eval/{k}', v, done)
@@ -198,11 +272,11 @@ def fit(stage: str, workdir: str, config, *, state, state_shardings, mesh, step_
                 if stop:
                     break
         if ckpt.preempted:
-            raise Preempted(f'[{stage}] preempted: saved step {done} in {stage_dir}; run the same command again to '
-                            f'resume')
+            raise Preempted(
+                f'[{stage}] preempted: saved step {done} in {stage_dir}; run the same command again to resume'
+            )
     finally:  # every exit: the save in flight finishes (a complete newest checkpoint, no writer-thread errors)
         ckpt.close()
         if writer:
             writer.close()
     return state
-

@@ -4,6 +4,7 @@ Loss: l1 * L1 + l2 * L2 reconstruction (+ an optional LPIPS perceptual term) + t
 VQ loss through the straight-through estimator, with per-scale codebook usage, dead-code restart and an
 optional VQGAN PatchGAN discriminator (hinge loss, adaptive weight). `train` runs the stage and exports it.
 """
+
 import functools
 import logging
 import os
@@ -15,17 +16,27 @@ import numpy as np
 import optax
 
 from var_jax import checkpoint, losses, optim, sharding
+from var_jax.errors import MissingFileError
 from var_jax.images import save_png
 from var_jax.models import lpips
 from var_jax.models.discriminator import PatchDiscriminator
 from var_jax.models.vqvae import VQVAE
 from var_jax.trainers import loop
-from var_jax.errors import MissingFileError
 
-def make_step(vqvae: VQVAE, tx: optax.GradientTransformation, l1: float, l2: float, restart_every: int = 0,
-                  disc: Optional[PatchDiscriminator] = None, disc_tx: Optional[optax.GradientTransformation] = None,
-                  disc_weight: float = 0.0, disc_start: int = 0, perceptual: lpips.LPIPS | None = None,
-                  perceptual_weight: float = 0.0):
+
+def make_step(
+    vqvae: VQVAE,
+    tx: optax.GradientTransformation,
+    l1: float,
+    l2: float,
+    restart_every: int = 0,
+    disc: Optional[PatchDiscriminator] = None,
+    disc_tx: Optional[optax.GradientTransformation] = None,
+    disc_weight: float = 0.0,
+    disc_start: int = 0,
+    perceptual: lpips.LPIPS | None = None,
+    perceptual_weight: float = 0.0,
+):
     """Tokenizer step: L1 + L2 reconstruction + the quantizer's VQ loss, straight-through.
 
     With restart_every > 0, codes that no scale picked during the last restart_every steps are
@@ -41,28 +52,33 @@ def make_step(vqvae: VQVAE, tx: optax.GradientTransformation, l1: float, l2: flo
     """
     if perceptual_weight > 0 and perceptual is None:
         raise ValueError('perceptual_weight > 0 needs an LPIPS module')
-    rec_loss = functools.partial(_reconstruction_loss, l1=l1, l2=l2, perceptual=perceptual,
-                                 perceptual_weight=perceptual_weight)
+    rec_loss = functools.partial(
+        _reconstruction_loss, l1=l1, l2=l2, perceptual=perceptual, perceptual_weight=perceptual_weight
+    )
     if disc_weight > 0:
         if disc is None or disc_tx is None:
             raise ValueError('disc_weight > 0 needs a discriminator and its optimizer')
         vae_step = _make_vae_gan_step(vqvae, tx, rec_loss, restart_every, disc, disc_tx, disc_weight, disc_start)
     else:
+
         def vae_step(state, lpips_params, batch):
             def loss_fn(params):
                 rec, vq_loss, hits, f = vqvae.apply({'params': params}, batch['image'])
                 nll, terms = rec_loss(rec, batch['image'], lpips_params)
                 return nll + vq_loss, (terms, vq_loss, hits, f)
+
             (loss, (terms, vq_loss, hits, f)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state['params'])
             grad_norm = optax.tree.norm(grads)
             new = loop.apply_update(state, grads, tx, loss, grad_norm)
             metrics = dict(loss=loss, **terms, vq=vq_loss, grad_norm=grad_norm, lr=optim.current_lr(new['opt_state']))
             return _finish_vae_step(state, new, metrics, hits, f, vqvae.patch_nums, restart_every)
+
     if perceptual_weight > 0:
         return vae_step
 
     def step(state, batch):
         return vae_step(state, None, batch)
+
     return step
 
 
@@ -118,6 +134,7 @@ def _make_vae_gan_step(vqvae, tx, rec_loss, restart_every, disc, disc_tx, disc_w
     kernel). The generator is updated with the current discriminator; the discriminator then
     learns real images vs the stop_gradient reconstructions of the same forward pass.
     """
+
     def step(state, lpips_params, batch):
         image = batch['image']
         params, disc_params = state['params'], state['disc_params']
@@ -125,6 +142,7 @@ def _make_vae_gan_step(vqvae, tx, rec_loss, restart_every, disc, disc_tx, disc_w
         def forward(p):
             rec, vq_loss, hits, f = vqvae.apply({'params': p}, image)
             return (rec, vq_loss), (hits, f)
+
         (rec, vq_loss), pullback, (hits, f) = jax.vjp(forward, params, has_aux=True)
         (nll, terms), d_nll = jax.value_and_grad(rec_loss, has_aux=True)(rec, image, lpips_params)
         g_fn = lambda r: losses.generator_adv_loss(disc.apply({'params': disc_params}, r))
@@ -146,20 +164,34 @@ def _make_vae_gan_step(vqvae, tx, rec_loss, restart_every, disc, disc_tx, disc_w
             logits_real = disc.apply({'params': dp}, image)
             logits_fake = disc.apply({'params': dp}, fake)
             return losses.hinge_d_loss(logits_real, logits_fake), (jnp.mean(logits_real), jnp.mean(logits_fake))
+
         (d_loss, (logits_real, logits_fake)), d_grads = jax.value_and_grad(d_loss_fn, has_aux=True)(disc_params)
         d_updates, d_opt_state = disc_tx.update(d_grads, state['disc_opt_state'], disc_params)
         d_params = optax.apply_updates(disc_params, d_updates)
         d_ok = jnp.isfinite(d_loss) & jnp.isfinite(optax.tree.norm(d_grads))
         take = active & d_ok
         keep = lambda n, o: jax.tree.map(lambda a, b: jnp.where(take, a, b), n, o)
-        new = dict(new, disc_params=keep(d_params, disc_params),
-                   disc_opt_state=keep(d_opt_state, state['disc_opt_state']),
-                   nonfinite=new['nonfinite'] | (active & ~d_ok))
+        new = dict(
+            new,
+            disc_params=keep(d_params, disc_params),
+            disc_opt_state=keep(d_opt_state, state['disc_opt_state']),
+            nonfinite=new['nonfinite'] | (active & ~d_ok),
+        )
 
-        metrics = dict(loss=loss, **terms, vq=vq_loss, grad_norm=grad_norm,
-                       lr=optim.current_lr(new['opt_state']), g_loss=g_loss, d_loss=d_loss,
-                       disc_weight_adaptive=w, logits_real=logits_real, logits_fake=logits_fake)
+        metrics = dict(
+            loss=loss,
+            **terms,
+            vq=vq_loss,
+            grad_norm=grad_norm,
+            lr=optim.current_lr(new['opt_state']),
+            g_loss=g_loss,
+            d_loss=d_loss,
+            disc_weight_adaptive=w,
+            logits_real=logits_real,
+            logits_fake=logits_fake,
+        )
         return _finish_vae_step(state, new, metrics, hits, f, vqvae.patch_nums, restart_every)
+
     return step
 
 
@@ -171,11 +203,10 @@ def _restart_dead_codes(state, code_hits, f, every: int):
     now = (state['step'] - 1) % every == 0  # state['step'] was already incremented
     dead = now & (code_hits == 0)
     codebook = state['params']['quantize']['embedding']
-    params = dict(state['params'], quantize=dict(state['params']['quantize'],
-                                                 embedding=jnp.where(dead[:, None], pick, codebook)))
+    params = dict(
+        state['params'], quantize=dict(state['params']['quantize'], embedding=jnp.where(dead[:, None], pick, codebook))
+    )
     return dict(state, params=params, code_hits=jnp.where(now, 0, code_hits))
-
-
 
 
 def tokenizer_export_dir(workdir: str) -> str:
@@ -204,12 +235,15 @@ def train(config, workdir: str, pretrained=None):
     frozen = ()  # step arguments that are not trained: the LPIPS params
     if cfg.perceptual_weight > 0:
         if not cfg.perceptual_weights_path:
-            raise ValueError(f'tokenizer.perceptual_weight={cfg.perceptual_weight} needs '
-                             f'tokenizer.perceptual_weights_path. {lpips.WHERE_TO_GET}')
+            raise ValueError(
+                f'tokenizer.perceptual_weight={cfg.perceptual_weight} needs '
+                f'tokenizer.perceptual_weights_path. {lpips.WHERE_TO_GET}'
+            )
         frozen = (jax.device_put(lpips.load_lpips_params(cfg.perceptual_weights_path), sharding.replicated(mesh)),)
         step_kw.update(perceptual=lpips.LPIPS(), perceptual_weight=cfg.perceptual_weight)
-    state, shardings = loop.init_state(mesh, tx, config.seed,
-                                       lambda k: vqvae.init(k, jnp.zeros((1, R, R, 3)))['params'], extra=extra)
+    state, shardings = loop.init_state(
+        mesh, tx, config.seed, lambda k: vqvae.init(k, jnp.zeros((1, R, R, 3)))['params'], extra=extra
+    )
     recon = jax.jit(lambda p, img: vqvae.apply({'params': p}, img)[0])
     first = _fixed_images(config, 16)
 
@@ -219,10 +253,19 @@ def train(config, workdir: str, pretrained=None):
             path = os.path.join(workdir, 'tokenizer', 'samples', f'recon_{step:07d}.png')
             save_png(path, np.concatenate([first, np.asarray(rec)]) * 0.5 + 0.5, ncols=16)
 
-    state = loop.fit('tokenizer', workdir, config, state=state, state_shardings=shardings, mesh=mesh,
-                     step_fn=make_step(vqvae, tx, cfg.l1, cfg.l2, cfg.restart_every, **step_kw),
-                     step_args=frozen, total_steps=cfg.total_steps, batch_size=cfg.batch_size,
-                     on_sample=on_sample)
+    state = loop.fit(
+        'tokenizer',
+        workdir,
+        config,
+        state=state,
+        state_shardings=shardings,
+        mesh=mesh,
+        step_fn=make_step(vqvae, tx, cfg.l1, cfg.l2, cfg.restart_every, **step_kw),
+        step_args=frozen,
+        total_steps=cfg.total_steps,
+        batch_size=cfg.batch_size,
+        on_sample=on_sample,
+    )
     params = jax.tree.map(sharding.to_host, state['params'])  # FSDP shards may sit on other hosts
     checkpoint.save_pretrained(tokenizer_export_dir(workdir), {'vae': checkpoint.model_config(vqvae)}, {'vae': params})
     return params
@@ -232,14 +275,17 @@ def exported(workdir: str):
     """Stage 1's exported params, for stage 2 in a later command."""
     path = tokenizer_export_dir(workdir)
     if not os.path.isdir(path):
-        raise MissingFileError(f'no tokenizer for the transformer stage: {path} does not exist. Run the '
-                                f'tokenizer stage first (config.stages includes "tokenizer") or set '
-                                f'config.init_from to a converted checkpoint with a VQVAE')
+        raise MissingFileError(
+            f'no tokenizer for the transformer stage: {path} does not exist. Run the '
+            f'tokenizer stage first (config.stages includes "tokenizer") or set '
+            f'config.init_from to a converted checkpoint with a VQVAE'
+        )
     return checkpoint.load_pretrained(path)[1]['vae']
 
 
 def _fixed_images(config, n):
     """The first n images of the eval split: the same reconstructions at every sample step."""
     from var_jax import data
+
     batch = next(data.make_eval_iterator(config.data, n, process_index=0, process_count=1))
     return batch['image'][:n]
