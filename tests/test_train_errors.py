@@ -41,18 +41,9 @@ def _toy_fit(tmp_path, total_steps, on_sample=None, nan_at=-1):
         loss, grads = jax.value_and_grad(loss_fn)(state['params'])
         return loop.apply_update(state, grads, tx, loss, optax.tree.norm(grads)), dict(loss=loss)
 
+    stage = loop.Stage('toy', step_fn, total_steps, 4, on_sample=on_sample)
     return loop.fit(
-        'toy',
-        str(tmp_path),
-        config,
-        state=state,
-        state_shardings=sharding.param_sharding(mesh, state),
-        mesh=mesh,
-        step_fn=step_fn,
-        step_args=(),
-        total_steps=total_steps,
-        batch_size=4,
-        on_sample=on_sample,
+        stage, str(tmp_path), config, state=state, state_shardings=sharding.param_sharding(mesh, state), mesh=mesh
     )
 
 

@@ -6,6 +6,7 @@ donated). `fit` drives it: resume, checkpoints, preemption, the progress line, T
 """
 
 import contextlib
+import dataclasses
 import os
 import time
 from typing import Callable, Optional
@@ -151,34 +152,47 @@ def _log_line(stage, step, total, metrics, img_per_s, eta_s):
     return f'[{stage}] step {step}/{total} {vals} | {img_per_s:.1f} img/s | ETA {eta_s / 60:.1f} min'
 
 
-def fit(
-    stage: str,
-    workdir: str,
-    config,
-    *,
-    state,
-    state_shardings,
-    mesh,
-    step_fn: Callable,
-    step_args: tuple,
-    total_steps: int,
-    batch_size: int,
-    on_sample: Optional[Callable] = None,
-    on_eval: Optional[Callable] = None,
-    token_weights_fn: Optional[Callable] = None,
-    make_batches: Optional[Callable] = None,
-):
-    """Runs `step_fn(state, *step_args, batch[, token_weights]) -> (state, metrics)` to total_steps.
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """What `fit` trains: `step_fn(state, *step_args, batch[, token_weights]) -> (state, metrics)` for total_steps
+    steps of batch_size images (global). Batches come from make_batches(start_step), an iterator of this host's
+    batches (dicts of arrays split over the devices along their first axis) from the step the run resumes at; by
+    default the training images of config.data (`data.make_train_iterator`). token_weights_fn(step): the loss
+    weights passed to the step (progressive training). on_sample(params, step) every config.sample_every steps and
+    at the end; on_eval(params, step) -> {name: value} every config.eval_every steps (0: never) and at the end."""
 
-    Batches come from make_batches(start_step), an iterator of this host's batches (dicts of arrays split
-    over the devices along their first axis) from the step the run resumes at; by default the training
-    images of config.data (`data.make_train_iterator`).
+    name: str
+    step_fn: Callable
+    total_steps: int
+    batch_size: int
+    step_args: tuple = ()
+    on_sample: Optional[Callable] = None
+    on_eval: Optional[Callable] = None
+    token_weights_fn: Optional[Callable] = None
+    make_batches: Optional[Callable] = None
 
-    Resumes from workdir/<stage>'s latest checkpoint; saves every config.save_every steps, at the
-    end and on SIGTERM; writes TensorBoard scalars; calls on_sample(params, step) every
-    config.sample_every steps and at the end, and on_eval(params, step) -> {name: value} every
-    config.eval_every steps (0: never) and at the end, logging what it returns. Returns the final state.
+
+def fit(spec: Stage, workdir: str, config, *, state, state_shardings, mesh):
+    """Trains `spec` from workdir/<spec.name>'s latest checkpoint (or `state`, laid out as `state_shardings` on
+    `mesh`) to spec.total_steps; returns the final state.
+
+    Saves every config.save_every steps, at the end and on SIGTERM (then raises Preempted); writes TensorBoard
+    scalars and one progress line per config.log_every steps; stops with NonFiniteError on a NaN/Inf; on every
+    exit the save in flight finishes first.
     """
+    stage, step_fn, step_args, total_steps, batch_size = (
+        spec.name,
+        spec.step_fn,
+        spec.step_args,
+        spec.total_steps,
+        spec.batch_size,
+    )
+    on_sample, on_eval, token_weights_fn, make_batches = (
+        spec.on_sample,
+        spec.on_eval,
+        spec.token_weights_fn,
+        spec.make_batches,
+    )
     from flax.metrics import tensorboard
 
     from var_jax import data  # TensorFlow is only needed for the input pipeline

@@ -253,19 +253,15 @@ def train(config, workdir: str, pretrained=None):
             path = os.path.join(workdir, 'tokenizer', 'samples', f'recon_{step:07d}.png')
             save_png(path, np.concatenate([first, np.asarray(rec)]) * 0.5 + 0.5, ncols=16)
 
-    state = loop.fit(
+    stage = loop.Stage(
         'tokenizer',
-        workdir,
-        config,
-        state=state,
-        state_shardings=shardings,
-        mesh=mesh,
-        step_fn=make_step(vqvae, tx, cfg.l1, cfg.l2, cfg.restart_every, **step_kw),
+        make_step(vqvae, tx, cfg.l1, cfg.l2, cfg.restart_every, **step_kw),
+        cfg.total_steps,
+        cfg.batch_size,
         step_args=frozen,
-        total_steps=cfg.total_steps,
-        batch_size=cfg.batch_size,
         on_sample=on_sample,
     )
+    state = loop.fit(stage, workdir, config, state=state, state_shardings=shardings, mesh=mesh)
     params = jax.tree.map(sharding.to_host, state['params'])  # FSDP shards may sit on other hosts
     checkpoint.save_pretrained(tokenizer_export_dir(workdir), {'vae': checkpoint.model_config(vqvae)}, {'vae': params})
     return params

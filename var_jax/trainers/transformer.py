@@ -230,22 +230,18 @@ def train(config, workdir: str, num_data_classes: int, vae_params=None, pretrain
         if jax.process_index() == 0:
             save_png(os.path.join(workdir, 'transformer', 'samples', f'samples_{step:07d}.png'), images, ncols=s.ncols)
 
-    state = loop.fit(
+    stage = loop.Stage(
         'transformer',
-        workdir,
-        config,
-        state=state,
-        state_shardings=shardings,
-        mesh=mesh,
-        step_fn=make_step(vqvae, var, tx, cfg.label_smoothing, cfg.grad_accum),
+        make_step(vqvae, var, tx, cfg.label_smoothing, cfg.grad_accum),
+        cfg.total_steps,
+        cfg.batch_size,
         step_args=(vae_params,),
-        total_steps=cfg.total_steps,
-        batch_size=cfg.batch_size,
         on_sample=on_sample,
         on_eval=_validation(config, vqvae, var, vae_params, mesh),
         token_weights_fn=weights,
         make_batches=pretokenized_batches(config, workdir, vqvae, vae_params) if config.data.pretokenize else None,
     )
+    state = loop.fit(stage, workdir, config, state=state, state_shardings=shardings, mesh=mesh)
     params = jax.tree.map(sharding.to_host, state['params'])  # FSDP shards may sit on other hosts
     checkpoint.save_pretrained(
         checkpoint.export_dir(workdir),
