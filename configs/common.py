@@ -198,6 +198,9 @@ def base_config():
     # --mode=eval (docs/evaluation.md): FID, sFID, IS, precision/recall of config.sample.* samples.
     c.eval = ml_collections.ConfigDict(
         dict(
+            # --mode=eval scores 'samples' of the VAR (FID, sFID, IS, precision / recall) or the 'tokenizer''s
+            # reconstructions of num_images eval-split images (PSNR, codebook usage / perplexity, rFID).
+            what='samples',
             num_images=1000,
             batch_size=100,  # images scored, sampled in shards of batch_size (the paper: 50 000)
             inception_path='',  # .npz of `python -m var_jax.convert --inception <pytorch-fid .pth>`
@@ -208,8 +211,9 @@ def base_config():
             is_splits=10,
             pr_k=3,  # Inception Score splits; precision/recall neighbourhood size
             write_npz=True,  # also write the samples as an ADM sample batch .npz
-            # During training, every eval_every steps: validation loss / accuracy over val_batches eval-split batches
-            # (0: none) and the FID of train_num_images samples (0: none; needs inception_path).
+            # During training, every eval_every steps: validation loss / accuracy (the transformer) or reconstruction
+            # metrics (the tokenizer) over val_batches eval-split batches (0: none), and the FID of train_num_images
+            # samples (0: none; needs inception_path; the tokenizer's rFID uses it too).
             val_batches=4,
             train_num_images=1000,
         )

@@ -170,11 +170,60 @@ def score(shard_paths, ref: dict, config, mesh=None) -> dict:
     )
 
 
+def run_tokenizer(config, workdir: str) -> dict:
+    """`--mode=eval --config.eval.what=tokenizer`: the tokenizer's reconstructions of eval.num_images eval-split
+    images (PSNR, per-channel error, codebook usage / perplexity per scale, and rFID when eval.inception_path is
+    set) into workdir/eval_tokenizer/{results.json, tb/}. The tokenizer: the run's (tokenizer/export, else
+    export), else config.init_from's."""
+    from var_jax import data, recon_metrics
+
+    e = config.eval
+    candidates = [os.path.join(workdir, 'tokenizer', 'export'), checkpoint.export_dir(workdir)]
+    source = next(
+        (p for p in candidates + [config.init_from] if p and os.path.exists(os.path.join(p, 'model.json'))), None
+    )
+    if source is None:
+        raise MissingFileError(
+            f'no tokenizer to evaluate: none of {candidates} holds one and init_from is not set; '
+            f'train one (--config.stages=tokenizer) or set --config.init_from'
+        )
+    from var_jax import api
+
+    vqvae, vae_params, _, _ = api.load_pretrained(source)
+    mesh = sharding.make_mesh(1)
+    fid = None
+    if e.inception_path:
+        extractor = metrics.InceptionFeatures(_load_inception(e.inception_path), mesh)
+        fid = reference_stats.reference_statistics(config, extractor, vqvae.image_size), extractor
+    batches = data.make_eval_iterator(config.data, e.batch_size)
+    results = recon_metrics.evaluate(vqvae, vae_params, batches, mesh, -(-e.num_images // e.batch_size), fid)
+    results.update(checkpoint=os.path.abspath(source), num_images=e.num_images, image_size=vqvae.image_size)
+    out_dir = os.path.join(workdir, 'eval_tokenizer')
+    if jax.process_index() == 0:
+        checkpoint.atomic_write_json(os.path.join(out_dir, 'results.json'), results)
+        from flax.metrics import tensorboard
+
+        writer = tensorboard.SummaryWriter(os.path.join(out_dir, 'tb'))
+        for k, v in results.items():
+            if isinstance(v, float):
+                writer.scalar(f'eval_tokenizer/{k}', v, e.num_images)
+        writer.close()
+        rfid = f'  rFID {results["rfid"]:.3f}' if 'rfid' in results else ''
+        print(
+            f'tokenizer eval of {source}: PSNR {results["psnr"]:.2f} dB  codebook usage {results["usage"]:.3f}  '
+            f'perplexity {results["perplexity"]:.1f}{rfid} -> {os.path.join(out_dir, "results.json")}'
+        )
+    return results
+
+
 def run(config, workdir: str) -> dict:
     """`--mode=eval`: samples, scores and writes workdir/eval/{results.json, tb/, samples_*.npz}; returns the results.
 
     TensorBoard scalars eval/{fid, sfid, inception_score, precision, recall} are logged at step num_images.
+    With eval.what='tokenizer' it scores the tokenizer's reconstructions instead (`run_tokenizer`).
     """
+    if config.eval.what == 'tokenizer':
+        return run_tokenizer(config, workdir)
     e, s = config.eval, config.sample
     batch = check_settings(config)
     params = _load_inception(e.inception_path)  # before anything slow: a missing file fails at once

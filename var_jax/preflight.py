@@ -110,16 +110,29 @@ def check(config, mode: str, workdir: str) -> None:
     if mode == 'eval':
         from var_jax import evaluation
 
-        try:
-            evaluation.check_settings(config)
-        except ConfigError as e:
-            problems.append(str(e))
-        path = config.eval.inception_path
-        need(
-            path and os.path.isfile(path),
-            f'--mode=eval scores samples with the FID Inception: eval.inception_path={path!r} '
-            f'{"does not exist" if path else "is not set"}. {inception.WHERE_TO_GET}',
-        )
+        e, path = config.eval, config.eval.inception_path
+        need(e.what in ('samples', 'tokenizer'), f"eval.what={e.what!r}: use 'samples' or 'tokenizer'")
+        if e.what == 'samples':
+            try:
+                evaluation.check_settings(config)
+            except ConfigError as err:
+                problems.append(str(err))
+            need(
+                path and os.path.isfile(path),
+                f'--mode=eval scores samples with the FID Inception: eval.inception_path={path!r} '
+                f'{"does not exist" if path else "is not set"}. {inception.WHERE_TO_GET}',
+            )
+        elif e.what == 'tokenizer':
+            need(
+                _int(e.num_images, 1) and _int(e.batch_size, 1) and e.batch_size % n_dev == 0,
+                f'eval.num_images={e.num_images!r} and eval.batch_size={e.batch_size!r} must be ints >= 1, the batch '
+                f'a multiple of the {n_dev} devices',
+            )
+            need(
+                not path or os.path.isfile(path),
+                f'eval.inception_path={path!r} does not exist (the rFID needs it; leave it empty for no rFID). '
+                f'{inception.WHERE_TO_GET}',
+            )
     if config.init_from:
         try:
             checkpoint.load_model_config(config.init_from)

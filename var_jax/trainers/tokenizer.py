@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from var_jax import checkpoint, losses, optim, sharding
+from var_jax import checkpoint, losses, optim, recon_metrics, reference_stats, sharding
 from var_jax.errors import MissingFileError
 from var_jax.images import save_png
 from var_jax.models import lpips
@@ -260,11 +260,34 @@ def train(config, workdir: str, pretrained=None):
         cfg.batch_size,
         step_args=frozen,
         on_sample=on_sample,
+        on_eval=_reconstruction_eval(config, workdir, vqvae, mesh),
     )
     state = loop.fit(stage, workdir, config, state=state, state_shardings=shardings, mesh=mesh)
     params = jax.tree.map(sharding.to_host, state['params'])  # FSDP shards may sit on other hosts
     checkpoint.save_pretrained(tokenizer_export_dir(workdir), {'vae': checkpoint.model_config(vqvae)}, {'vae': params})
     return params
+
+
+def _reconstruction_eval(config, workdir: str, vqvae: VQVAE, mesh):
+    """on_eval for `fit`: PSNR, per-scale codebook usage / perplexity and (with Inception weights) rFID over
+    config.eval.val_batches eval-split batches, also written to tokenizer/eval/results_<step>.json; None when
+    val_batches is 0."""
+    from var_jax import data
+
+    if not config.eval.val_batches:
+        return None
+    fid = reference_stats.training_fid_setup(config, vqvae.image_size, mesh)
+
+    def on_eval(params, step):
+        batches = data.make_eval_iterator(config.data, config.tokenizer.batch_size)
+        results = recon_metrics.evaluate(vqvae, params, batches, mesh, config.eval.val_batches, fid)
+        if jax.process_index() == 0:
+            checkpoint.atomic_write_json(
+                os.path.join(workdir, 'tokenizer', 'eval', f'results_{step:07d}.json'), results
+            )
+        return results
+
+    return on_eval
 
 
 def exported(workdir: str):
