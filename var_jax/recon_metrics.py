@@ -5,6 +5,7 @@ Used by the tokenizer stage's evaluation (every eval_every steps and at the end)
 `--mode=eval --config.eval.what=tokenizer`. Everything accumulates over batches on the host.
 """
 
+import functools
 import itertools
 from typing import Iterable, Optional
 
@@ -60,19 +61,26 @@ class ReconStats:
         return out
 
 
+@functools.lru_cache(maxsize=8)
+def _recon_step(vqvae: VQVAE, mesh):
+    """The jitted (params, images) -> (reconstructions, token ids), one per model and mesh: an evaluation every
+    eval_every steps reuses its executable instead of tracing and compiling again."""
+
+    def recon_and_ids(params, images):
+        idx = vqvae.apply({'params': params}, images, method=VQVAE.img_to_idx)
+        return jnp.clip(vqvae.apply({'params': params}, idx, method=VQVAE.idx_to_img), -1, 1), idx
+
+    rep = sharding.replicated(mesh)
+    return jax.jit(recon_and_ids, in_shardings=(rep, sharding.batch_sharding(mesh)), out_shardings=rep)
+
+
 def evaluate(vqvae: VQVAE, vae_params, batches: Iterable[dict], mesh, num_batches: Optional[int] = None, fid=None):
     """Reconstruction metrics of the tokenizer over eval batches ({'image' in [-1, 1], 'label', 'mask'}: this host's
     part, as `data.make_eval_iterator` yields them; every host calls this). fid: (reference statistics, extractor)
     of `reference_stats.training_fid_setup`, or None for no rFID. Returns {name: value}, the same on every host."""
     from var_jax import metrics
 
-    bs, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-
-    def recon_and_ids(params, images):
-        idx = vqvae.apply({'params': params}, images, method=VQVAE.img_to_idx)
-        return jnp.clip(vqvae.apply({'params': params}, idx, method=VQVAE.idx_to_img), -1, 1), idx
-
-    step = jax.jit(recon_and_ids, in_shardings=(rep, bs), out_shardings=rep)
+    step = _recon_step(vqvae, mesh)
     stats = ReconStats(vqvae.patch_nums, vqvae.vocab_size)
     for batch in itertools.islice(batches, num_batches):
         batch = sharding.global_batch(batch, mesh)
